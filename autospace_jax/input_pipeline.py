@@ -347,7 +347,7 @@ def _tfds_iterator(data_config: Any, split: str, image_size: int, local_batch: i
   tf = _tf()
   import tensorflow_datasets as tfds
   name = data_config.name
-  builder = tfds.builder(name, data_dir=data_config.get("data_dir", None))
+  builder = tfds.builder(name, data_dir=data_config.get("data_dir") or None)
   train_name, eval_name = _TFDS_SPLITS[name]
   base = eval_name if split == "eval" else train_name
   # Sizes come from the stored split (equal to dataset_info's on a standard copy).

@@ -1,0 +1,255 @@
+"""Flax modules for cells, blocks and whole nets, built statically from genomes.
+
+The cell semantics of SPEC §4 are written once, in `cell_dataflow`, over a callback
+that runs one parameterised op. The static `Cell` module passes a callback that creates
+named submodules; the stage-1/2 supernet passes one that runs the same op modules on
+weights from its per-layer bank, so both execute exactly the same computation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from autospace_jax import counting
+from autospace_jax import genome as genome_lib
+from autospace_jax import netspec
+from autospace_jax import ops
+
+Array = jax.Array
+# He-normal over fan-out, as ProxylessNAS initialises its convolutions.
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class BNConfig(nn.Module):
+  """Mixin fields shared by every module that owns a BatchNorm."""
+
+  bn_momentum: float = 0.9  # Flax convention: 1 - PyTorch momentum.
+  bn_epsilon: float = 1e-3
+  dtype: Any = jnp.float32
+
+  def batch_norm(self, x: Array, train: bool, name: str = "bn") -> Array:
+    return nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                        epsilon=self.bn_epsilon, dtype=self.dtype, name=name)(x)
+
+
+class ConvBN(BNConfig):
+  """Dense k x k convolution, BN, optional ReLU6: the stem and the head's 1x1 mix."""
+
+  features: int = 32
+  kernel_size: int = 3
+  stride: int = 1
+  activation: bool = True
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = True) -> Array:
+    k = self.param("kernel", conv_init, (self.kernel_size, self.kernel_size, x.shape[-1],
+                                         self.features))
+    y = self.batch_norm(ops.conv2d(x.astype(self.dtype), k, self.stride), train)
+    return jax.nn.relu6(y) if self.activation else y
+
+
+class Expand(BNConfig):
+  """Node 0: 1x1 expansion to C_mid, BN, ReLU6."""
+
+  features: int = 16
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = True) -> Array:
+    k = self.param("kernel", conv_init, (x.shape[-1], self.features))
+    return jax.nn.relu6(self.batch_norm(ops.pointwise_conv(x.astype(self.dtype), k), train))
+
+
+class DepthwiseBN(BNConfig):
+  """A conv edge: depthwise k x k (SAME), BN, ReLU6."""
+
+  kernel_size: int = 3
+  stride: int = 1
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = True) -> Array:
+    k = self.param("kernel", conv_init, (self.kernel_size, self.kernel_size, x.shape[-1]))
+    y = ops.depthwise_conv(x.astype(self.dtype), k, self.stride)
+    return jax.nn.relu6(self.batch_norm(y, train))
+
+
+class ChannelAttention(nn.Module):
+  """Mix gene 1: softmax over inputs per channel of FC_n(ReLU(FC(GAP(sum))))."""
+
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, *inputs: Array, train: bool = True) -> Array:
+    del train
+    c_mid = inputs[0].shape[-1]
+    z = jnp.mean(sum(inputs), axis=(1, 2))
+    z = nn.relu(nn.Dense(counting.attention_width(c_mid), dtype=self.dtype, name="squeeze")(z))
+    logits = jnp.stack([nn.Dense(c_mid, dtype=self.dtype, name=f"select_{n}")(z)
+                        for n in range(len(inputs))], axis=0)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=0).astype(inputs[0].dtype)
+    return sum(w[:, None, None, :] * x for w, x in zip(weights, inputs))
+
+
+class SqueezeExcite(nn.Module):
+  """SE after the depthwise stage: x * sigmoid(FC(ReLU(FC(GAP(x)))))."""
+
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = True) -> Array:
+    del train
+    z = nn.relu(nn.Dense(counting.se_width(x.shape[-1]), dtype=self.dtype, name="squeeze")(
+        jnp.mean(x, axis=(1, 2))))
+    gate = jax.nn.sigmoid(nn.Dense(x.shape[-1], dtype=self.dtype, name="excite")(z))
+    return x * gate[:, None, None, :]
+
+
+class Project(BNConfig):
+  """Output: 1x1 projection to C_out and BN, no activation."""
+
+  features: int = 16
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = True) -> Array:
+    k = self.param("kernel", conv_init, (x.shape[-1], self.features))
+    return self.batch_norm(ops.pointwise_conv(x.astype(self.dtype), k), train)
+
+
+# apply_op(name, module_class, module_kwargs, *inputs) -> output
+ApplyOp = Callable[..., Array]
+
+
+def cell_dataflow(genome: genome_lib.Genome, x: Array, out_channels: int, stride: int,
+                  se: bool, apply_op: ApplyOp) -> Array:
+  """SPEC §4 cell semantics; ``apply_op`` runs each parameterised op by its name."""
+  c_mid = genome.expansion * x.shape[-1]
+  nodes = {0: apply_op("expand", Expand, {"features": c_mid}, x) if genome.expansion > 1
+           else x}
+  for node in (1, 2, 3):
+    inputs = []
+    for source, code in genome.in_edges(node):
+      edge_stride = stride if source == 0 else 1
+      if code == genome_lib.IDENTITY:
+        inputs.append(ops.subsample(nodes[source], edge_stride))
+      else:
+        inputs.append(apply_op(f"edge_{source}{node}_k{code}", DepthwiseBN,
+                               {"kernel_size": code, "stride": edge_stride}, nodes[source]))
+    if genome.uses_attention(node):
+      nodes[node] = apply_op(f"attention_{node}", ChannelAttention, {}, *inputs)
+    else:
+      nodes[node] = sum(inputs[1:], inputs[0])
+  hidden = nodes[3]
+  if se:
+    hidden = apply_op("se", SqueezeExcite, {}, hidden)
+  return apply_op("project", Project, {"features": out_channels}, hidden)
+
+
+BN_MODULES = (ConvBN, Expand, DepthwiseBN, Project)
+
+
+class Cell(BNConfig):
+  """A static cell: the genome's DAG with named submodules (no conditionals)."""
+
+  genome: genome_lib.Genome = genome_lib.REFERENCE
+  out_channels: int = 16
+  stride: int = 1
+  se: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = True) -> Array:
+    def apply_op(name, module_class, kwargs, *inputs):
+      if module_class in BN_MODULES:
+        kwargs = dict(kwargs, bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon)
+      return module_class(**kwargs, dtype=self.dtype, name=name)(*inputs, train=train)
+
+    return cell_dataflow(self.genome, x, self.out_channels, self.stride, self.se, apply_op)
+
+
+def zero_output(x: Array, out_channels: int, stride: int) -> Array:
+  """The Zero op: zeros of the block's output shape."""
+  b, h, w, _ = x.shape
+  return jnp.zeros((b, -(-h // stride), -(-w // stride), out_channels), x.dtype)
+
+
+class Block(BNConfig):
+  """One MobileInvertedResidualBlock: a cell (or Zero) plus the identity shortcut."""
+
+  layer: netspec.LayerSpec = None
+  se: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = True) -> Array:
+    spec = self.layer
+    if spec.op == netspec.ZERO:
+      y = zero_output(x, spec.out_channels, spec.stride)
+    else:
+      y = Cell(genome=spec.op, out_channels=spec.out_channels, stride=spec.stride, se=self.se,
+               bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon, dtype=self.dtype,
+               name="cell")(x, train)
+    return x + y if spec.has_shortcut else y
+
+
+class Stem(BNConfig):
+  """conv 3x3 stride 2, BN, ReLU6."""
+
+  features: int = 32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = True) -> Array:
+    return ConvBN(bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon, dtype=self.dtype,
+                  features=self.features, kernel_size=3, stride=2, name="conv")(x, train)
+
+
+class Head(BNConfig):
+  """conv 1x1 to 1280, BN, ReLU6, global average pool, FC to the classes."""
+
+  features: int = 1280
+  num_classes: int = 1000
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = True) -> Array:
+    x = ConvBN(bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon, dtype=self.dtype,
+               features=self.features, kernel_size=1, name="feature_mix")(x, train)
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(x).astype(
+        jnp.float32)
+
+
+def bn_kwargs(spec: netspec.NetSpec) -> dict[str, float]:
+  """Flax BN settings from a net spec (which uses the PyTorch momentum convention)."""
+  return {"bn_momentum": 1.0 - spec.bn_momentum, "bn_epsilon": spec.bn_eps}
+
+
+class Net(nn.Module):
+  """A whole static network from a `NetSpec` (stage 3, and the single-path baseline)."""
+
+  spec: netspec.NetSpec
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = True) -> Array:
+    bn = bn_kwargs(self.spec)
+    x = Stem(**bn, dtype=self.dtype, features=self.spec.stem_channels, name="stem")(x, train)
+    for i, layer in enumerate(self.spec.layers):
+      x = Block(**bn, dtype=self.dtype, layer=layer, se=self.spec.se, name=f"block_{i}")(
+          x, train)
+    return Head(**bn, dtype=self.dtype, features=self.spec.head_channels,
+                num_classes=self.spec.num_classes, name="head")(x, train)
+
+
+def count_params(params: Any) -> int:
+  """Number of trainable parameters in a params pytree."""
+  return int(sum(p.size for p in jax.tree.leaves(params)))
+
+
+def init_net(spec: netspec.NetSpec, rng: Array, batch_size: int = 1,
+             dtype: Any = jnp.float32) -> tuple[Net, dict]:
+  """Build a `Net` and its variables for ``spec`` at its declared resolution."""
+  model = Net(spec, dtype=dtype)
+  x = jnp.zeros((batch_size, spec.resolution, spec.resolution, 3), jnp.float32)
+  variables = jax.jit(lambda r, x: model.init(r, x, train=False))(rng, x)
+  return model, variables
+
