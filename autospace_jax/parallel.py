@@ -1,0 +1,42 @@
+"""Data parallelism: one mesh axis `data` over every device of every host.
+
+Parameters are replicated and the global batch is split along `data`. Under global-view
+`jit` a batch mean over the sharded batch is an all-reduce, so BatchNorm statistics are
+synchronised across replicas (the same numbers as one device on the whole batch).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+
+class DataParallel:
+  """The mesh and the two shardings every stage uses."""
+
+  def __init__(self, devices: Any = None):
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    self.mesh = jax.sharding.Mesh(devices.reshape(-1), ("data",))
+    self.batch = NamedSharding(self.mesh, PartitionSpec("data"))
+    self.replicated = NamedSharding(self.mesh, PartitionSpec())
+
+  @property
+  def num_devices(self) -> int:
+    return self.mesh.size
+
+  def check_batch_size(self, field: str, global_batch_size: int) -> None:
+    """The global batch must split evenly over the devices."""
+    if global_batch_size % self.num_devices:
+      raise ValueError(f"{field}={global_batch_size} is not divisible by the "
+                       f"{self.num_devices} devices of the mesh")
+
+  def global_batch(self, local_batch: dict) -> dict:
+    """Assemble each host's slice of the batch into global arrays sharded on `data`."""
+    return {k: jax.make_array_from_process_local_data(self.batch, np.asarray(v))
+            for k, v in local_batch.items()}
+
+  def replicate(self, tree: Any) -> Any:
+    return jax.device_put(tree, self.replicated)

@@ -1,0 +1,173 @@
+"""The supernet runs exactly the sampled cells, and only they learn."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from autospace_jax import cells
+from autospace_jax import genome as genome_lib
+from autospace_jax import netspec
+from autospace_jax import space_search
+from autospace_jax import supernet
+from autospace_jax.parallel import DataParallel
+from conftest import tiny_config
+
+ATTENTION_CELL = genome_lib.from_matrix([[0, 0, 0, 1], [3, 0, 0, [1, 1]], [5, 2, 0, 0],
+                                         [1, 3, 2, 0]])
+
+
+def make_trainer(estimator="sampled", momentum=0.9):
+  config = tiny_config()
+  spec = space_search.supernet_spec(config, 10, (3, 5))
+  trainer = supernet.SupernetTrainer(
+      spec, supernet.weight_optimizer(0.1, 1e-3, momentum), supernet.alpha_optimizer(0.01),
+      0.1, estimator, DataParallel())
+  return spec, trainer
+
+
+def batch(seed=0, size=8):
+  rng = np.random.default_rng(seed)
+  return {"image": rng.normal(size=(size, 32, 32, 3)).astype(np.float32),
+          "label": rng.integers(0, 10, size).astype(np.int32)}
+
+
+def candidates_for(spec):
+  cell_set = [genome_lib.irb(3, 6), genome_lib.irb(5, 3), ATTENTION_CELL]
+  return [list(cell_set) for _ in spec.layers]
+
+
+def step(trainer, state, cands, path, seed, train_alpha=True):
+  metrics, grads, alpha_grad, run = trainer.loss_and_grads(state, batch(seed), cands, path,
+                                                           train_alpha)
+  return trainer.apply(state, grads, alpha_grad if train_alpha else None, run), metrics
+
+
+def leaves_by_entry(tree):
+  return {layer: {entry: jax.tree.leaves(v) for entry, v in bank.items()}
+          for layer, bank in tree["layers"].items()}
+
+
+def test_one_step_changes_only_the_sampled_cells_weights_optimizer_state_and_bn_stats():
+  spec, trainer = make_trainer()
+  state = trainer.init(jax.random.PRNGKey(0), 3)
+  cands = candidates_for(spec)
+  # Two steps through every candidate give every entry momentum and moved BN statistics.
+  for i, path in enumerate(([0] * 6, [1] * 6, [2] * 6)):
+    state, _ = step(trainer, state, cands, path, i)
+  before = jax.device_get(state)
+  path = [0, 1, 2, 0, 1, 2]
+  state, _ = step(trainer, state, cands, path, 7)
+  after = jax.device_get(state)
+  used = {supernet.layer_name(i): set(supernet.cell_entries(cands[i][c]))
+          for i, c in enumerate(path)}
+  trace_before = leaves_by_entry(before.opt_state[1][0].trace)
+  trace_after = leaves_by_entry(after.opt_state[1][0].trace)
+  for tree_name, (old, new) in {
+      "params": (leaves_by_entry(before.params), leaves_by_entry(after.params)),
+      "momentum": (trace_before, trace_after),
+      "batch_stats": (leaves_by_entry(before.batch_stats), leaves_by_entry(after.batch_stats)),
+  }.items():
+    for layer, bank in old.items():
+      for entry, leaves in bank.items():
+        if not leaves:
+          continue  # attention has no BN statistics
+        same = all(np.array_equal(a, b) for a, b in zip(leaves, new[layer][entry]))
+        if entry in used[layer]:
+          assert not same, f"{tree_name} of used {layer}/{entry} did not change"
+        else:
+          assert same, f"{tree_name} of unused {layer}/{entry} moved"
+
+
+def static_params(spec, variables, ops):
+  """The bank entries of ``ops`` laid out as the static `cells.Net` names them."""
+  def tree(collection):
+    out = {"stem": variables[collection]["stem"],
+           "block_0": variables[collection]["first_block"],
+           "head": variables[collection]["head"]}
+    for i, op in enumerate(ops):
+      bank = variables[collection]["layers"][supernet.layer_name(i)]
+      suffix = f"_e{op.expansion}"
+      out[f"block_{i + 1}"] = {"cell": {e[:-len(suffix)]: bank[e]
+                                        for e in supernet.cell_entries(op)}}
+    return out
+  return {"params": tree("params"), "batch_stats": tree("batch_stats")}
+
+
+def test_host_chained_path_computes_the_same_loss_and_gradients_as_the_static_net():
+  spec, trainer = make_trainer()
+  variables = supernet.init_variables(spec, jax.random.PRNGKey(1))
+  state = trainer.init(jax.random.PRNGKey(1), 3)
+  cands = candidates_for(spec)
+  path = [2, 0, 1, 2, 2, 0]
+  ops = [cands[i][c] for i, c in enumerate(path)]
+  metrics, grads, _, _ = trainer.loss_and_grads(state, batch(3), cands, path, False)
+
+  net = cells.Net(spec.net_spec(ops))
+  ref_vars = static_params(spec, jax.device_get({"params": state.params,
+                                                 "batch_stats": state.batch_stats}), ops)
+  del variables
+  data = batch(3)
+
+  def loss_fn(params):
+    logits, _ = net.apply({"params": params, "batch_stats": ref_vars["batch_stats"]},
+                          data["image"], train=True, mutable=["batch_stats"])
+    return supernet.cross_entropy(logits, data["label"], 0.1)
+
+  loss, ref_grads = jax.value_and_grad(loss_fn)(ref_vars["params"])
+  np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
+  chained = static_params(spec, {"params": grads, "batch_stats": grads}, ops)["params"]
+  for (path_, a), b in zip(jax.tree_util.tree_flatten_with_path(ref_grads)[0],
+                           jax.tree.leaves(chained)):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-5, err_msg=str(path_))  # float32 sums
+
+
+def test_swapping_in_new_cells_compiles_nothing_once_their_op_kinds_have_run():
+  spec, trainer = make_trainer()
+  state = trainer.init(jax.random.PRNGKey(0), 3)
+  cands = candidates_for(spec)
+  for i, path in enumerate(([0] * 6, [1] * 6, [2] * 6)):
+    state, _ = step(trainer, state, cands, path, i)
+  jax.block_until_ready(state)
+  compiles = []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, duration, **kw: compiles.append(event)
+      if event == "/jax/core/compile/backend_compile_duration" else None)
+  # Different genomes, made of op kinds the supernet has already run.
+  swapped = [[genome_lib.irb(5, 3), ATTENTION_CELL, genome_lib.irb(3, 6)]
+             for _ in spec.layers]
+  for i in range(3):
+    state, _ = step(trainer, state, swapped, [i] * 6, 10 + i)
+  jax.block_until_ready(state)
+  assert compiles == []
+
+
+def test_sampled_estimator_gives_the_analytic_alpha_gradient():
+  """∂L/∂α_k = <∂L/∂y, o>(δ_ik − p_k) for the sampled cell i: its sign pattern and
+  zero sum over each layer's candidates."""
+  spec, trainer = make_trainer()
+  state = trainer.init(jax.random.PRNGKey(0), 3)
+  state = state.replace(alpha=jnp.asarray(np.random.default_rng(0).normal(size=(6, 3)),
+                                          jnp.float32))
+  cands = candidates_for(spec)
+  _, _, alpha_grad, _ = trainer.loss_and_grads(state, batch(1), cands, [1] * 6, True)
+  np.testing.assert_allclose(np.asarray(alpha_grad).sum(-1), 0.0, atol=1e-6)
+  p = jax.nn.softmax(state.alpha, -1)
+  # g_k / g_i = -p_k / (1 - p_i) for k != i.
+  g = np.asarray(alpha_grad)
+  for layer in range(6):
+    if abs(g[layer, 1]) > 1e-9:
+      np.testing.assert_allclose(g[layer, 0] / g[layer, 1], -p[layer, 0] / (1 - p[layer, 1]),
+                                 rtol=1e-4)
+
+
+def test_proxyless_estimator_gradient_matches_its_formula_and_zero_gets_signal():
+  spec, trainer = make_trainer("proxyless")
+  state = trainer.init(jax.random.PRNGKey(0), 3)
+  cands = [[genome_lib.irb(3, 6), genome_lib.irb(5, 3), netspec.ZERO] if not s.stride == 2
+           and s.in_channels == s.out_channels else candidates_for(spec)[0]
+           for s in spec.layers]
+  _, _, alpha_grad, _ = trainer.loss_and_grads(state, batch(2), cands, [0] * 6, True)
+  g = np.asarray(alpha_grad)
+  np.testing.assert_allclose(g.sum(-1), 0.0, atol=1e-6)
+  assert np.all(np.abs(g).sum(-1) > 0), "every layer's α must get a gradient"
