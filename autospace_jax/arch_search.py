@@ -1,0 +1,308 @@
+"""Stage 2: ProxylessNAS-style gradient search in a space under a MAdds target (SPEC §7).
+
+Candidates per layer are the space's K cells plus Zero on every layer that is not the
+first of its stage. The same supernet as stage 1 trains weights and α together; α's loss
+is CE * (log E[MAdds] / log target)^β. The derived net takes the argmax per layer and is
+then nudged, one layer at a time, until its MAdds lie within the tolerance of the target
+**[choice]**: the regulariser steers E[MAdds], not the argmax net's MAdds.
+The learned space and the IRB baseline space go through this same code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from autospace_jax import checkpointing
+from autospace_jax import counting
+from autospace_jax import genome as genome_lib
+from autospace_jax import input_pipeline
+from autospace_jax import netspec
+from autospace_jax import progress
+from autospace_jax import space_search
+from autospace_jax import supernet
+from autospace_jax.parallel import DataParallel
+
+MADDS_TOLERANCE = 0.10
+
+
+def irb_space(num_layers: int) -> list[list[genome_lib.Genome]]:
+  """The hand-made baseline: {k3, k5, k7} x {e3, e6} in every layer."""
+  cells = [genome_lib.irb(k, e) for k in (3, 5, 7) for e in (3, 6)]
+  return [list(cells) for _ in range(num_layers)]
+
+
+def expand_space(space: Sequence[Sequence[genome_lib.Genome]],
+                 layers_per_stage: Sequence[int]) -> list[list[genome_lib.Genome]]:
+  """Per-layer cells for the skeleton. A space with one entry per layer is used as is; one
+  with an entry per (stage, first-or-rest) group, like the official 11-layer file for the
+  21-layer net, is shared within each group."""
+  num_layers = sum(layers_per_stage)
+  if len(space) == num_layers:
+    return [list(c) for c in space]
+  groups = [(s, 0) for s, n in enumerate(layers_per_stage)]
+  groups += [(s, 1) for s, n in enumerate(layers_per_stage) if n > 1]
+  groups.sort()
+  if len(space) != len(groups):
+    raise ValueError(f"search.space has {len(space)} layers; the skeleton "
+                     f"model.layers_per_stage={tuple(layers_per_stage)} needs {num_layers} "
+                     f"(one per layer) or {len(groups)} (first and rest of each stage)")
+  index = {g: i for i, g in enumerate(groups)}
+  return [list(space[index[(s, int(j > 0))]]) for s, n in enumerate(layers_per_stage)
+          for j in range(n)]
+
+
+def stage_first_layers(layers_per_stage: Sequence[int]) -> list[bool]:
+  return [j == 0 for n in layers_per_stage for j in range(n)]
+
+
+def candidates_for(space: Sequence[Sequence[genome_lib.Genome]],
+                   layers_per_stage: Sequence[int]) -> list[list[supernet.Op]]:
+  """The space's cells plus Zero on layers that are not the first of their stage."""
+  return [list(cells) + ([] if first else [netspec.ZERO])
+          for cells, first in zip(space, stage_first_layers(layers_per_stage))]
+
+
+def pad_candidates(candidates: list[list[supernet.Op]]) -> tuple[list[list[supernet.Op]],
+                                                                  np.ndarray]:
+  """Equal-length candidate lists (α is one L x K array); padding is masked out."""
+  width = max(len(c) for c in candidates)
+  mask = np.array([[j < len(c) for j in range(width)] for c in candidates])
+  return [c + [c[0]] * (width - len(c)) for c in candidates], mask
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """A MAdds target; its outputs are filed under ``tag``."""
+
+  madds: int
+
+  @property
+  def tag(self) -> str:
+    return f"{self.madds / 1e6:.2f}M"
+
+
+def run_name(space_name: str, target_madds: int) -> str:
+  """Directory name of one search (and of the training of its net)."""
+  return f"{space_name}_{Target(target_madds).tag}"
+
+
+def resolve_targets(config: ml_collections.ConfigDict, reference_madds: int) -> list[Target]:
+  """Absolute targets, or fractions of the IRB k3 e6 net's MAdds."""
+  targets = [int(t) for t in config.search.targets]
+  targets += [int(round(f * reference_madds)) for f in config.search.target_fractions]
+  return [Target(t) for t in targets]
+
+
+def expected_madds_penalty(alpha: jax.Array, mask: jax.Array, madds: jax.Array, fixed: float,
+                           log_target: float, beta: float) -> jax.Array:
+  """(log E[MAdds] / log target)^β with E over the per-layer softmax of α."""
+  probs = jax.nn.softmax(jnp.where(mask, alpha, -jnp.inf), axis=-1)
+  expected = fixed + jnp.sum(probs * madds)
+  return (jnp.log(expected) / log_target) ** beta
+
+
+@functools.partial(jax.jit, static_argnames=("beta",))
+def arch_gradient(alpha, ce, ce_grad, mask, madds, fixed, log_target, beta):
+  """∇α of CE * penalty, given CE's own α-gradient from the supernet backward."""
+  penalty, penalty_grad = jax.value_and_grad(expected_madds_penalty)(
+      alpha, mask, madds, fixed, log_target, beta)
+  return penalty * ce_grad + ce * penalty_grad
+
+
+def derive(alpha: np.ndarray, mask: np.ndarray, candidate_madds: np.ndarray, fixed: int,
+           target: int, tolerance: float = MADDS_TOLERANCE) -> list[int]:
+  """Argmax per layer, then greedy single-layer swaps toward the target: each swap is the
+  one that moves MAdds toward the target at the least loss of log-probability."""
+  logp = np.where(mask, alpha - np.log(np.sum(np.exp(np.where(mask, alpha, -np.inf)),
+                                               axis=-1, keepdims=True)), -np.inf)
+  choice = [int(np.argmax(np.where(m, a, -np.inf))) for a, m in zip(alpha, mask)]
+
+  def total(ch):
+    return fixed + sum(candidate_madds[i, c] for i, c in enumerate(ch))
+
+  for _ in range(alpha.size):
+    current = total(choice)
+    if abs(current - target) <= tolerance * target:
+      break
+    best, best_cost = None, np.inf
+    for layer in range(len(choice)):
+      for cand in np.flatnonzero(mask[layer]):
+        delta = candidate_madds[layer, cand] - candidate_madds[layer, choice[layer]]
+        if delta == 0 or np.sign(delta) != np.sign(target - current):
+          continue
+        new_gap = abs(current + delta - target)
+        if new_gap >= abs(current - target):
+          continue
+        cost = (logp[layer, choice[layer]] - logp[layer, cand]) / abs(delta)
+        if cost < best_cost:
+          best, best_cost = (layer, int(cand)), cost
+    if best is None:
+      break
+    choice[best[0]] = best[1]
+  return choice
+
+
+class ArchSearch:
+  """One stage-2 search: a space, a target, a supernet, and the derived net."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str,
+               space: Sequence[Sequence[genome_lib.Genome]], space_name: str, target: Target,
+               parallel: DataParallel | None = None, writer: Any = None):
+    self.config = config
+    self.cfg = config.search
+    self.workdir = os.path.join(workdir, "search", run_name(space_name, target.madds))
+    self.space_name = space_name
+    self.target = target
+    self.parallel = parallel or DataParallel()
+    self.writer = writer
+    info = input_pipeline.dataset_info(config.data.name)
+    lps = tuple(config.model.layers_per_stage)
+    space = expand_space(space, lps)
+    codes = sorted({c for cells in space for g in cells for c in g.edges
+                    if c in genome_lib.CONV_CODES})
+    self.spec = space_search.supernet_spec(config, info.num_classes, tuple(codes))
+    self.candidates, self.mask = pad_candidates(candidates_for(space, lps))
+    shapes = space_search.cell_shapes(self.spec)
+    self.candidate_madds = np.array([[0 if op == netspec.ZERO else shapes[i].madds(op)
+                                      for op in ops] for i, ops in enumerate(self.candidates)],
+                                    np.float64)
+    self.fixed_madds = counting.net_cost(self.spec.net_spec(
+        [netspec.ZERO] * len(space))).madds
+    self.steps_per_epoch = input_pipeline.steps_per_epoch(config.data, "search_train",
+                                                          self.cfg.batch_size)
+    self.warmup_steps = supernet.epochs_to_steps(self.cfg.warmup_epochs, self.steps_per_epoch)
+    self.total_steps = self.warmup_steps + supernet.epochs_to_steps(self.cfg.epochs,
+                                                                    self.steps_per_epoch)
+    schedule = supernet.cosine_schedule(self.cfg.learning_rate, self.total_steps)
+    self.trainer = supernet.SupernetTrainer(
+        self.spec, supernet.weight_optimizer(schedule, self.cfg.weight_decay,
+                                             self.cfg.momentum),
+        supernet.alpha_optimizer(self.cfg.alpha_learning_rate),
+        self.cfg.label_smoothing, self.cfg.estimator, self.parallel, self.mask)
+
+  def _masked_alpha(self, alpha: np.ndarray) -> np.ndarray:
+    return np.where(self.mask, alpha, -np.inf)
+
+  def alpha_gradient(self, alpha, ce, ce_grad):
+    return arch_gradient(alpha, ce, ce_grad, self.mask, self.candidate_madds,
+                         float(self.fixed_madds), float(np.log(self.target.madds)),
+                         beta=float(self.cfg.beta))
+
+  def train_step(self, state, step: int, batch: dict):
+    searching = step >= self.warmup_steps
+    alpha = np.asarray(jax.device_get(state.alpha), np.float64)
+    probs = supernet.softmax_np(self._masked_alpha(alpha) if searching else
+                                np.where(self.mask, 0.0, -np.inf))
+    path = supernet.sample_path(probs, np.random.default_rng([self.config.seed, 4, step]))
+    metrics, grads, alpha_grad, run = self.trainer.loss_and_grads(
+        state, batch, self.candidates, path, train_alpha=searching,
+        alpha_loss=self.alpha_gradient)
+    supernet.check_finite(metrics["loss"], "search", step)
+    return self.trainer.apply(state, grads, alpha_grad if searching else None, run), metrics
+
+  def run(self) -> dict:
+    os.makedirs(self.workdir, exist_ok=True)
+    ckpt = checkpointing.Checkpointer(os.path.join(self.workdir, "checkpoints"),
+                                      self.config.checkpoint.max_to_keep)
+    template = jax.eval_shape(lambda: self._init_state())
+    restored = ckpt.restore_latest(lambda meta: jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.parallel.replicated),
+        template))
+    if restored is None:
+      state, step = self._init_state(), 0
+    else:
+      step, state, _ = restored
+      state = self.trainer.place(state)
+      logging.info("search %s: resuming from step %d", self.workdir, step)
+    data = input_pipeline.make_iterator(
+        self.config.data, "search_train", self.cfg.batch_size, seed=self.config.seed,
+        start_step=step, process_index=jax.process_index(), process_count=jax.process_count())
+    bar = progress.Bar(self.total_steps, f"search {self.space_name} {self.target.tag}",
+                       initial=step)
+    while step < self.total_steps:
+      state, metrics = self.train_step(state, step, next(data))
+      step += 1
+      bar.update(step, metrics)
+      if self.writer is not None and step % self.config.log_every_steps == 0:
+        self.writer.write_scalars(step, {k: float(v) for k, v in metrics.items()},
+                                  f"search/{run_name(self.space_name, self.target.madds)}")
+      if step % self.config.checkpoint.every_steps == 0 or step == self.total_steps:
+        ckpt.save(step, state, {"step": step}, force=step == self.total_steps)
+      if checkpointing.should_stop(step):
+        ckpt.save(step, state, {"step": step}, force=True)
+        ckpt.wait()
+        raise checkpointing.Preempted(ckpt.directory, step)
+    bar.close()
+    ckpt.wait()
+    ckpt.close()
+    return self.write_outputs(np.asarray(jax.device_get(state.alpha), np.float64))
+
+  def _init_state(self):
+    return self.trainer.init(jax.random.PRNGKey(self.config.seed + 1), self.mask.shape[1])
+
+  def write_outputs(self, alpha: np.ndarray) -> dict:
+    choice = derive(alpha, self.mask, self.candidate_madds, self.fixed_madds,
+                    self.target.madds)
+    ops = [self.candidates[i][c] for i, c in enumerate(choice)]
+    net = self.spec.net_spec(ops)
+    cost = counting.net_cost(net)
+    result = {"space": self.space_name, "target_madds": self.target.madds,
+              "params": cost.params, "madds": cost.madds,
+              "madds_error": cost.madds / self.target.madds - 1.0,
+              "alpha": alpha.tolist(), "choice": choice,
+              "cells": ["zero" if op == netspec.ZERO else op.describe() for op in ops]}
+    if jax.process_index() == 0:
+      netspec.save_net(net, os.path.join(self.workdir, NET_FILE))
+      with open(os.path.join(self.workdir, RESULT_FILE), "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"search {self.space_name} target {self.target.madds:,}: params={cost.params:,} "
+          f"madds={cost.madds:,} ({result['madds_error']:+.1%})")
+    return result
+
+
+NET_FILE = "net.json"
+RESULT_FILE = "result.json"
+
+
+def result_path(workdir: str, space_name: str, target: Target) -> str:
+  return os.path.join(workdir, "search", run_name(space_name, target.madds), RESULT_FILE)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, space_path: str | None,
+        writer: Any = None, parallel: DataParallel | None = None) -> list[dict]:
+  """Search every configured space at every target; finished searches are reused."""
+  layers = sum(config.model.layers_per_stage)
+  spaces = {}
+  if config.search.space == "irb":
+    spaces["irb"] = irb_space(layers)
+  else:
+    spaces["learned"] = netspec.load_space(space_path or config.search.space)
+    if config.search.compare_irb:
+      spaces["irb"] = irb_space(layers)
+  info = input_pipeline.dataset_info(config.data.name)
+  reference = netspec.build_net([genome_lib.REFERENCE] * layers,
+                                config.model.width_multiplier,
+                                tuple(config.model.layers_per_stage), info.num_classes,
+                                config.data.image_size)
+  targets = resolve_targets(config, counting.net_cost(reference).madds)
+  results = []
+  for name, space in spaces.items():
+    for target in targets:
+      path = result_path(workdir, name, target)
+      if os.path.exists(path):
+        with open(path) as f:
+          results.append(json.load(f))
+        continue
+      results.append(ArchSearch(config, workdir, space, name, target, parallel,
+                                writer).run())
+  return results

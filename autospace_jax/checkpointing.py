@@ -1,0 +1,180 @@
+"""Checkpoints that survive preemption: an Orbax wrapper plus a SIGTERM stop flag.
+
+A NAS run on preemptible TPUs must never lose more than a few steps of work, so:
+
+- `Checkpointer` saves two items per step with `ocp.CheckpointManager`: `arrays` (a pytree
+  of jax/numpy arrays, optax states included) and `meta` (a JSON dict: populations,
+  genomes, RNG state as lists, data position). Saves are asynchronous by default; `wait()`
+  blocks until they are on disk.
+- The meta is restored before the arrays because the parameter tree may depend on it (the
+  genomes decide the shapes); the caller builds the abstract target from the meta.
+- `restore_latest` skips a newest checkpoint that is partial or corrupt (a host died while
+  writing, a file was truncated) with a warning and falls back to the one before. If
+  none can be read it raises instead of letting the run start afresh and, through
+  `max_to_keep`, delete the checkpoints a fix could still restore.
+- A SIGTERM only sets a flag (saving inside a signal handler could deadlock on the locks
+  the interrupted code holds). The training loop polls `should_stop(step)`, saves with
+  `force=True`, waits, and raises `Preempted`; `main` prints where and exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+ARRAYS = 'arrays'
+META = 'meta'
+
+
+class Preempted(Exception):
+  """Raised by a training loop after it saved a checkpoint because of a preemption."""
+
+  def __init__(self, directory: str, step: int):
+    super().__init__(f'preempted at step {step}; checkpoint in {directory}')
+    self.directory = directory
+    self.step = step
+
+
+class CheckpointError(RuntimeError):
+  """Checkpoints exist but none of them can be restored."""
+
+
+class Checkpointer:
+  """Numbered checkpoints of (arrays, meta) in `directory`, the newest `max_to_keep` kept."""
+
+  def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True):
+    self.directory = str(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
+                                           enable_async_checkpointing=async_save)
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={ARRAYS: ocp.StandardCheckpointHandler(),
+                       META: ocp.JsonCheckpointHandler()})
+
+  def save(self, step: int, arrays: Any, meta: dict, force: bool = False) -> bool:
+    """Starts saving `step`; False when nothing was saved.
+
+    A step that is already saved is left as it is (a loop may save a step on schedule and
+    again on preemption), and without `force` the manager's save policy may skip a step.
+    """
+    if step in self._manager.all_steps():
+      return False
+    return self._manager.save(
+        step, args=ocp.args.Composite(**{ARRAYS: ocp.args.StandardSave(arrays),
+                                         META: ocp.args.JsonSave(meta)}),
+        force=force)
+
+  def wait(self) -> None:
+    """Blocks until every started save is complete on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves and releases the manager's resources."""
+    self._manager.close()
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> Sequence[int]:
+    return self._manager.all_steps()
+
+  def restore_meta(self, step: int) -> dict:
+    return self._manager.restore(
+        step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+
+  def restore_arrays(self, step: int, abstract_arrays: Any) -> Any:
+    """The arrays of `step` with the structure, dtypes and shardings of `abstract_arrays`.
+
+    Build the target with `jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)` or with
+    `jax.ShapeDtypeStruct(shape, dtype, sharding=...)` leaves to restore onto a mesh;
+    without a target optax states would come back as plain lists and dicts.
+    """
+    return self._manager.restore(
+        step, args=ocp.args.Composite(**{ARRAYS: ocp.args.StandardRestore(abstract_arrays)})
+    )[ARRAYS]
+
+  def restore_latest(
+      self, make_abstract: Callable[[dict], Any]) -> tuple[int, Any, dict] | None:
+    """(step, arrays, meta) of the newest readable checkpoint; None when there is none.
+
+    `make_abstract(meta)` returns the abstract target for that step's arrays. A checkpoint
+    that fails to read is logged as a warning and the previous one is tried. When
+    checkpoints exist but none can be read, CheckpointError is raised rather than None
+    returned: the same error at every step usually means a target that no longer matches
+    the code, and starting afresh would let `max_to_keep` delete the saved work.
+    """
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    for step in steps:
+      try:
+        meta = self.restore_meta(step)
+        arrays = self.restore_arrays(step, make_abstract(meta))
+      except Exception as e:  # noqa: BLE001 -- any unreadable checkpoint is skipped.
+        logging.warning('checkpoint step %d in %s is unreadable (%s: %s); trying an older one',
+                        step, self.directory, type(e).__name__, e)
+        error = e
+        continue
+      return step, arrays, meta
+    if steps:
+      raise CheckpointError(
+          f'none of the checkpoints {steps} in {self.directory} can be restored; the last '
+          f'error was {type(error).__name__}: {error}. Fix the cause, or move the directory '
+          'away to start afresh.') from error
+    return None
+
+
+_preemption = threading.Event()
+
+
+def install_sigterm_handler(callback: Callable[[], None] | None = None) -> None:
+  """On SIGTERM set the flag read by `preemption_requested`, then call `callback`.
+
+  `callback` runs inside the signal handler: keep it short (log, print), never save there.
+  In a multi-process job with JAX's preemption service on (the default after
+  `jax.distributed.initialize`), the service's own SIGTERM handler must stay in place for
+  `should_stop` to agree on a step across hosts, so nothing is installed.
+  """
+  if jax.process_count() > 1 and jax.config.jax_enable_preemption_service:
+    logging.info('SIGTERM is handled by the JAX preemption service')
+    return
+
+  def handler(signum, frame):
+    del signum, frame
+    _preemption.set()
+    if callback is not None:
+      callback()
+
+  signal.signal(signal.SIGTERM, handler)
+
+
+def preemption_requested() -> bool:
+  """Whether this process received SIGTERM since the handler was installed or cleared."""
+  return _preemption.is_set()
+
+
+def clear_preemption() -> None:
+  _preemption.clear()
+
+
+def should_stop(step: int) -> bool:
+  """Whether the loop should save and stop after `step`; the same answer on every host.
+
+  One process: the local SIGTERM flag. Several: JAX's preemption sync point, which picks a
+  step that every host reaches, or, with the preemption service off, an all-gather of the
+  local flags (any host preempted stops them all). Either way every process must call
+  this at every step.
+  """
+  if jax.process_count() == 1:
+    return preemption_requested()
+  try:
+    return multihost_utils.reached_preemption_sync_point(step)
+  except RuntimeError:  # jax_enable_preemption_service is off.
+    flags = multihost_utils.process_allgather(np.int32(preemption_requested()))
+    return bool(np.any(flags))

@@ -1,0 +1,128 @@
+"""Run AutoSpace: `python -m autospace_jax.main [--config=configs/x.py] [--workdir=DIR]`.
+
+With no flags it runs the embedded default (digits, CPU, minutes) through
+space -> search -> train and writes `report.md` in ./runs/<timestamp>. Restarting with
+the same command resumes from the latest checkpoints and skips finished stages.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+from typing import Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from autospace_jax import config_validation
+from autospace_jax import distributed
+from autospace_jax import presets
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", f"{presets.__file__}:default", "Config file returning a ConfigDict from "
+    "get_config(), e.g. configs/imagenet.py (default: the embedded digits config); "
+    "override one field with --config.a.b=v.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Work directory (default ./runs/<timestamp>).")
+
+STAGES = ("space", "search", "train")
+
+
+def stage_list(stages: str) -> list[str]:
+  return [s.strip() for s in stages.split(",") if s.strip()]
+
+
+def resolve_workdir(config) -> str:
+  if _WORKDIR.value:
+    return _WORKDIR.value
+  if config.workdir:
+    return config.workdir
+  return os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+
+
+def run_pipeline(config, workdir: str) -> dict:
+  """Run the configured stages in order; each skips itself when its outputs exist."""
+  import jax  # noqa: PLC0415 -- after distributed initialisation.
+
+  from autospace_jax import arch_search  # noqa: PLC0415
+  from autospace_jax import metrics as metrics_lib  # noqa: PLC0415
+  from autospace_jax import report  # noqa: PLC0415
+  from autospace_jax import space_search  # noqa: PLC0415
+  from autospace_jax import train  # noqa: PLC0415
+  from autospace_jax.parallel import DataParallel  # noqa: PLC0415
+
+  jax.config.update("jax_compilation_cache_dir", os.path.join(
+      os.path.expanduser("~"), ".cache", "autospace_jax", "xla"))
+  parallel = DataParallel()
+  writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  stages = stage_list(config.stages)
+  summary: dict = {"workdir": workdir, "data": config.data.name, "stages": config.stages,
+                   "devices": jax.device_count(), "processes": jax.process_count()}
+  space_path = None
+  if "space" in stages:
+    space_path = space_search.run(config, workdir, writer, parallel)
+  elif config.search.space not in ("learned", "irb"):
+    space_path = config.search.space
+  else:
+    space_path = os.path.join(workdir, "space", space_search.SPACE_CONFIG)
+  results = []
+  if "search" in stages:
+    results = arch_search.run(config, workdir, space_path, writer, parallel)
+  if "train" in stages:
+    if config.train.net:
+      summary["final"] = "net"
+      train.run(config, config.train.net, os.path.join(workdir, "train", "net"), writer,
+                parallel, "train")
+    for result in results:
+      tag = arch_search.run_name(result["space"], result["target_madds"])
+      train.run(config, os.path.join(workdir, "search", tag, arch_search.NET_FILE),
+                os.path.join(workdir, "train", tag), writer, parallel, f"train {tag}")
+  learned = [r for r in results if r["space"] == "learned"] or results
+  if learned and not config.train.net:
+    best = max(learned, key=lambda r: r["target_madds"])
+    summary["final"] = arch_search.run_name(best["space"], best["target_madds"])
+  writer.close()
+  if jax.process_index() == 0:
+    print(f"report: {report.write_report(workdir, summary)}")
+  return summary
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  config = _CONFIG.value
+  workdir = resolve_workdir(config)
+  try:
+    config_validation.validate(config, workdir)
+  except config_validation.ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  distributed.maybe_initialize()
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(config.to_dict(), f, indent=1, default=list)
+  logging.info("workdir: %s", workdir)
+
+  from autospace_jax import checkpointing  # noqa: PLC0415
+  from autospace_jax import supernet  # noqa: PLC0415
+  checkpointing.install_sigterm_handler()
+  try:
+    run_pipeline(config, workdir)
+  except checkpointing.Preempted as e:
+    print(f"preempted: checkpoint saved at step {e.step} in {e.directory}; rerun the same "
+          "command to resume")
+    sys.exit(0)
+  except supernet.NonFiniteLoss as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(3)
+
+
+def run_cli() -> None:
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run_cli()

@@ -1,0 +1,82 @@
+"""Training metrics as TensorBoard events and as a JSON-lines file, written by one process.
+
+TensorBoard is for watching a run; `metrics.jsonl` (one object per `write_scalars` call)
+is for scripts and the report, which can read it without TensorBoard or TensorFlow.
+Every process may call the writer, but only the enabled one (process 0 by default) writes,
+so a multi-host job produces one copy of each file. A resumed run appends to both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import tensorboardX
+
+JSONL_FILE = 'metrics.jsonl'
+TENSORBOARD_DIR = 'tensorboard'
+
+
+class MetricWriter:
+  """Writes `workdir/tensorboard/` events and `workdir/metrics.jsonl`; no-op when disabled."""
+
+  def __init__(self, workdir: str, enabled: bool | None = None):
+    """`enabled` defaults to `jax.process_index() == 0`, read here rather than at import
+    so that importing this module does not start JAX before `jax.distributed` does."""
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self._summary = None
+    self._jsonl = None
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._summary = tensorboardX.SummaryWriter(logdir=os.path.join(workdir, TENSORBOARD_DIR))
+      self._jsonl = open(os.path.join(workdir, JSONL_FILE), 'a')  # noqa: SIM115
+
+  def write_scalars(self, step: int, scalars: Mapping[str, float], stage: str = '') -> None:
+    """Logs each scalar under the tag `stage/name` (just `name` without a stage)."""
+    if not self.enabled:
+      return
+    values = {name: float(value) for name, value in scalars.items()}
+    for name, value in values.items():
+      self._summary.add_scalar(_tag(stage, name), value, global_step=step)
+    self._jsonl.write(json.dumps({'step': int(step), 'stage': stage, **values}) + '\n')
+    self._jsonl.flush()
+
+  def write_histogram(self, step: int, tag: str, values: Any) -> None:
+    if self.enabled:
+      self._summary.add_histogram(tag, np.asarray(values), global_step=step)
+
+  def flush(self) -> None:
+    if self.enabled:
+      self._summary.flush()
+      self._jsonl.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self._summary.close()
+      self._jsonl.close()
+      self.enabled = False
+
+
+def _tag(stage: str, name: str) -> str:
+  return f'{stage}/{name}' if stage else name
+
+
+def read_jsonl(path: str) -> list[dict]:
+  """The records of a metrics.jsonl file, in order.
+
+  A last line cut short by a killed process is dropped; a bad line elsewhere raises.
+  """
+  with open(path) as f:
+    lines = [line for line in f.read().splitlines() if line.strip()]
+  records = []
+  for i, line in enumerate(lines):
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      if i < len(lines) - 1:
+        raise
+  return records

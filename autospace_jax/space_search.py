@@ -1,0 +1,289 @@
+"""Stage 1: evolve per-layer cell populations inside the supernet (SPEC §5-6).
+
+Warm-up trains weights only, with the supernet's K cells per layer redrawn uniformly from
+the population every f steps. Evolution then trains weights and α together and, every f
+steps, writes α back, selects by tournament, mutates, and swaps the new cells in — which
+costs no compilation, because the supernet runs genomes as host-chained ops. The output
+is the top-K cells per layer: `learned_space.config` (official format) and
+`learned_space.json` (α, MAdds, lineage per cell).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from autospace_jax import checkpointing
+from autospace_jax import evolution
+from autospace_jax import genome as genome_lib
+from autospace_jax import input_pipeline
+from autospace_jax import netspec
+from autospace_jax import progress
+from autospace_jax import supernet
+from autospace_jax.parallel import DataParallel
+
+SPACE_CONFIG = "learned_space.config"
+SPACE_JSON = "learned_space.json"
+
+
+def supernet_spec(config: ml_collections.ConfigDict, num_classes: int,
+                  conv_codes: Any) -> supernet.SupernetSpec:
+  """The stage-1/2 supernet on the configured skeleton (IRB k3 e6 placeholders)."""
+  net = netspec.build_net([genome_lib.REFERENCE] * sum(config.model.layers_per_stage),
+                          config.model.width_multiplier, tuple(config.model.layers_per_stage),
+                          num_classes, config.data.image_size)
+  return supernet.supernet_spec_from_net(net, conv_codes)
+
+
+def cell_shapes(spec: supernet.SupernetSpec) -> list[evolution.CellShape]:
+  return [evolution.CellShape(s.in_channels, s.out_channels, s.stride, s.in_size)
+          for s in spec.layers]
+
+
+@dataclasses.dataclass
+class SpaceRun:
+  """Host-side state of a stage-1 run, next to the device `TrainState`."""
+
+  step: int
+  populations: list[evolution.Population]
+  slots: list[np.ndarray]
+  alpha_steps_since_round: int = 0
+  history: list[dict] = dataclasses.field(default_factory=list)
+
+  def to_json(self) -> dict:
+    return {"step": self.step, "populations": [p.to_json() for p in self.populations],
+            "slots": [s.tolist() for s in self.slots],
+            "alpha_steps_since_round": self.alpha_steps_since_round, "history": self.history}
+
+  @classmethod
+  def from_json(cls, data: dict) -> "SpaceRun":
+    return cls(int(data["step"]), [evolution.Population.from_json(p)
+                                   for p in data["populations"]],
+               [np.asarray(s, np.int64) for s in data["slots"]],
+               int(data["alpha_steps_since_round"]), list(data["history"]))
+
+  def candidates(self) -> list[list[genome_lib.Genome]]:
+    return [[p.genomes[i] for i in s] for p, s in zip(self.populations, self.slots)]
+
+
+class SpaceSearch:
+  """One stage-1 run: owns the schedule, the supernet trainer and the populations."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str,
+               parallel: DataParallel | None = None, writer: Any = None):
+    self.config = config
+    self.cfg = config.space
+    self.workdir = os.path.join(workdir, "space")
+    self.parallel = parallel or DataParallel()
+    self.writer = writer
+    info = input_pipeline.dataset_info(config.data.name)
+    conv_codes = tuple(c for c in self.cfg.codes if c in genome_lib.CONV_CODES)
+    self.spec = supernet_spec(config, info.num_classes, conv_codes)
+    self.shapes = cell_shapes(self.spec)
+    self.constraints = [evolution.layer_constraints(s, self.cfg.madds_cap_ratio,
+                                                    self.cfg.reference_distance)
+                        for s in self.shapes]
+    self.steps_per_epoch = input_pipeline.steps_per_epoch(config.data, "search_train",
+                                                          self.cfg.batch_size)
+    self.warmup_steps = supernet.epochs_to_steps(self.cfg.warmup_epochs, self.steps_per_epoch)
+    self.total_steps = self.warmup_steps + supernet.epochs_to_steps(
+        self.cfg.evolution_epochs, self.steps_per_epoch)
+    self.settings = evolution.EvolutionSettings(
+        self.cfg.num_cells, self.cfg.window, tuple(self.cfg.codes),
+        self.cfg.gene_mutation_probability, self.cfg.compensation,
+        self.cfg.population_update)
+    schedule = supernet.cosine_schedule(self.cfg.learning_rate, self.total_steps)
+    self.trainer = supernet.SupernetTrainer(
+        self.spec, supernet.weight_optimizer(schedule, self.cfg.weight_decay,
+                                             self.cfg.momentum),
+        supernet.alpha_optimizer(self.cfg.alpha_learning_rate, self.cfg.alpha_b1,
+                                 self.cfg.alpha_b2),
+        self.cfg.label_smoothing, self.cfg.estimator, self.parallel)
+
+  # --- evolution schedule ---
+
+  def evolution_epoch(self, step: int) -> float:
+    return (step - self.warmup_steps) / self.steps_per_epoch
+
+  def _rng(self, *keys: int) -> np.random.Generator:
+    return np.random.default_rng([self.config.seed, *keys])
+
+  def _feasible(self, layer: int, reference_active: bool):
+    shape, constraint = self.shapes[layer], self.constraints[layer]
+    return lambda g: constraint.feasible(g, shape, reference_active)
+
+  def initial_run(self) -> SpaceRun:
+    """Populations drawn from the feasible genomes; K random cells per layer."""
+    reference_active = self.cfg.reference_stop_epoch > 0
+    all_genomes = list(genome_lib.all_genomes(self.cfg.codes))
+    populations, slots = [], []
+    for layer in range(len(self.shapes)):
+      feasible = [g for g in all_genomes if self._feasible(layer, reference_active)(g)]
+      rng = self._rng(0, layer)
+      populations.append(evolution.initial_population(self.cfg.population_size, feasible,
+                                                      rng))
+      slots.append(rng.choice(self.cfg.population_size, self.cfg.num_cells, replace=False))
+    return SpaceRun(0, populations, slots)
+
+  def redraw_warmup_cells(self, run: SpaceRun) -> None:
+    for layer, p in enumerate(run.populations):
+      rng = self._rng(1, run.step, layer)
+      run.slots[layer] = rng.choice(len(p), self.cfg.num_cells, replace=False)
+
+  def evolution_round(self, run: SpaceRun, state: supernet.TrainState
+                      ) -> supernet.TrainState:
+    """Write α back, then select, mutate and swap in K new cells in every layer."""
+    alpha = np.asarray(jax.device_get(state.alpha), np.float64)
+    epoch = self.evolution_epoch(run.step)
+    team = evolution.team_size_at(epoch, self.cfg.team_sizes, self.cfg.evolution_epochs)
+    reference_active = epoch < self.cfg.reference_stop_epoch
+    new_alpha = np.zeros_like(alpha)
+    for layer, population in enumerate(run.populations):
+      evolution.write_back(population, run.slots[layer], alpha[layer],
+                           run.alpha_steps_since_round)
+      run.slots[layer] = evolution.evolve_layer(
+          population, run.slots[layer], self.settings, team,
+          self._feasible(layer, reference_active), run.step, self._rng(2, run.step, layer))
+      new_alpha[layer] = population.alpha[run.slots[layer]]
+    run.alpha_steps_since_round = 0
+    run.history.append({"step": run.step, "epoch": epoch, "team_size": team,
+                        "alpha": alpha.tolist(),
+                        "population_madds": [[self.shapes[i].madds(g) for g in p.genomes]
+                                             for i, p in enumerate(run.populations)]})
+    return self.trainer.reset_alpha(state, new_alpha)
+
+  def finish(self, run: SpaceRun, state: supernet.TrainState) -> None:
+    """Flush the last α into the populations (once) before ranking."""
+    if run.alpha_steps_since_round:
+      alpha = np.asarray(jax.device_get(state.alpha), np.float64)
+      for layer, population in enumerate(run.populations):
+        evolution.write_back(population, run.slots[layer], alpha[layer],
+                             run.alpha_steps_since_round)
+      run.alpha_steps_since_round = 0
+
+  # --- the loop ---
+
+  def run(self) -> dict:
+    """Train, evolve, and write the learned space; resumes from the latest checkpoint."""
+    os.makedirs(self.workdir, exist_ok=True)
+    ckpt = checkpointing.Checkpointer(os.path.join(self.workdir, "checkpoints"),
+                                      self.config.checkpoint.max_to_keep)
+    state, run = self._restore_or_init(ckpt)
+    data = input_pipeline.make_iterator(
+        self.config.data, "search_train", self.cfg.batch_size, seed=self.config.seed,
+        start_step=run.step, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    bar = progress.Bar(self.total_steps, "space", initial=run.step)
+    f = self.cfg.mutation_interval
+    while run.step < self.total_steps:
+      if run.step < self.warmup_steps and run.step % f == 0 and run.step:
+        self.redraw_warmup_cells(run)
+      evolving = run.step >= self.warmup_steps
+      state, metrics = self.train_step(state, run, next(data), evolving)
+      run.step += 1
+      if evolving:
+        run.alpha_steps_since_round += 1
+        if (run.step - self.warmup_steps) % f == 0 and run.step < self.total_steps:
+          state = self.evolution_round(run, state)
+      bar.update(run.step, metrics)
+      if self.writer is not None and run.step % self.config.log_every_steps == 0:
+        self.writer.write_scalars(run.step, {k: float(v) for k, v in metrics.items()},
+                                  "space")
+      if run.step % self.config.checkpoint.every_steps == 0 or run.step == self.total_steps:
+        self._save(ckpt, run, state, force=run.step == self.total_steps)
+      if checkpointing.should_stop(run.step):
+        self._save(ckpt, run, state, force=True)
+        ckpt.wait()
+        raise checkpointing.Preempted(ckpt.directory, run.step)
+    bar.close()
+    ckpt.wait()
+    ckpt.close()
+    self.finish(run, state)
+    return self.write_outputs(run)
+
+  def train_step(self, state, run: SpaceRun, batch: dict, evolving: bool):
+    candidates = run.candidates()
+    if evolving:
+      probs = supernet.softmax_np(np.asarray(jax.device_get(state.alpha), np.float64))
+    else:
+      probs = np.full((len(candidates), self.cfg.num_cells), 1.0 / self.cfg.num_cells)
+    path = supernet.sample_path(probs, self._rng(3, run.step))
+    metrics, grads, alpha_grad, path_run = self.trainer.loss_and_grads(
+        state, batch, candidates, path, train_alpha=evolving)
+    supernet.check_finite(metrics["loss"], "space", run.step)
+    state = self.trainer.apply(state, grads, alpha_grad if evolving else None, path_run)
+    return state, metrics
+
+  def _save(self, ckpt, run: SpaceRun, state, force: bool) -> None:
+    ckpt.save(run.step, state, run.to_json(), force=force)
+
+  def _restore_or_init(self, ckpt):
+    def abstract(meta):
+      del meta
+      return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                         sharding=self.parallel.replicated),
+                          template)
+    template = jax.eval_shape(lambda: self.trainer.init(jax.random.PRNGKey(0),
+                                                        self.cfg.num_cells))
+    restored = ckpt.restore_latest(abstract)
+    if restored is None:
+      state = self.trainer.init(jax.random.PRNGKey(self.config.seed), self.cfg.num_cells)
+      return state, self.initial_run()
+    step, state, meta = restored
+    logging.info("space: resuming from step %d", step)
+    return self.trainer.place(state), SpaceRun.from_json(meta)
+
+  def write_outputs(self, run: SpaceRun) -> dict:
+    """Top-K per layer in the official format, plus the per-cell record."""
+    space, records = [], []
+    for layer, population in enumerate(run.populations):
+      top = evolution.top_cells(population, self.cfg.num_cells, self.cfg.compensation)
+      fitness = evolution.compensated_fitness(population, self.cfg.compensation)
+      space.append([population.genomes[i] for i in top])
+      records.append([{
+          "matrix": genome_lib.to_matrix(population.genomes[i]),
+          "description": population.genomes[i].describe(),
+          "alpha": float(population.alpha[i]), "compensated_alpha": float(fitness[i]),
+          "alpha_steps": int(population.alpha_steps[i]),
+          "madds": int(self.shapes[layer].madds(population.genomes[i])),
+          "birth_step": int(population.birth_step[i]), "cell_id": int(population.cell_id[i]),
+          "parent_id": int(population.parent_id[i])} for i in top])
+    if jax.process_index() == 0:
+      netspec.save_space(space, os.path.join(self.workdir, SPACE_CONFIG))
+      with open(os.path.join(self.workdir, SPACE_JSON), "w") as f:
+        json.dump({"layers": [dataclasses.asdict(s) for s in self.shapes], "cells": records,
+                   "history": run.history, "steps": run.step}, f)
+    return {"space": space, "records": records, "history": run.history}
+
+
+def outputs_exist(workdir: str) -> bool:
+  return all(os.path.exists(os.path.join(workdir, "space", n)) for n in (SPACE_CONFIG,
+                                                                        SPACE_JSON))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, writer: Any = None,
+        parallel: DataParallel | None = None) -> str:
+  """Run stage 1 unless its outputs exist; returns the learned-space path."""
+  if not outputs_exist(workdir):
+    start = time.time()
+    result = SpaceSearch(config, workdir, parallel, writer).run()
+    logging.info("space: finished in %.1fs", time.time() - start)
+    summarize(result)
+  return os.path.join(workdir, "space", SPACE_CONFIG)
+
+
+def summarize(result: dict) -> None:
+  """A short end-of-stage summary on stdout."""
+  print("learned space (top cells by compensated α):")
+  for layer, cells in enumerate(result["records"]):
+    best = cells[0]
+    print(f"  layer {layer:2d}: {best['description']:<48} α_c={best['compensated_alpha']:+.3f}"
+          f" MAdds={best['madds']:,}")

@@ -1,0 +1,189 @@
+"""Stage 3: train a net JSON from scratch and evaluate it (SPEC §7).
+
+A static Flax net, one jitted data-parallel train step: SGD Nesterov, lr per 256 images
+with linear warm-up and cosine decay, weight decay on kernels only, label smoothing,
+optional bf16 compute and SE. Writes `metrics.json` with top-1/top-5, params and MAdds.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from autospace_jax import cells
+from autospace_jax import checkpointing
+from autospace_jax import counting
+from autospace_jax import input_pipeline
+from autospace_jax import netspec
+from autospace_jax import progress
+from autospace_jax import supernet
+from autospace_jax.parallel import DataParallel
+
+METRICS_FILE = "metrics.json"
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+def train_step(model: cells.Net, tx: optax.GradientTransformation, label_smoothing: float,
+               state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+  """One SGD step on a global batch (pure; jitted by the caller)."""
+
+  def loss_fn(params):
+    logits, mutated = model.apply({"params": params, "batch_stats": state.batch_stats},
+                                  batch["image"], train=True, mutable=["batch_stats"])
+    return supernet.cross_entropy(logits, batch["label"], label_smoothing), (logits, mutated)
+
+  (loss, (logits, mutated)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  state = TrainState(state.step + 1, optax.apply_updates(state.params, updates),
+                     mutated["batch_stats"], opt_state)
+  return state, {"loss": loss, "accuracy": supernet.accuracy(logits, batch["label"])}
+
+
+def eval_step(model: cells.Net, state: TrainState, batch: dict) -> dict:
+  """Summed top-1/top-5 hits and example count over the real (unpadded) examples."""
+  logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                       batch["image"], train=False)
+  top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+  hits1 = (top5[:, 0] == batch["label"]) * batch["mask"]
+  hits5 = jnp.any(top5 == batch["label"][:, None], axis=-1) * batch["mask"]
+  return {"top1": hits1.sum(), "top5": hits5.sum(), "count": batch["mask"].sum()}
+
+
+class Trainer:
+  """Stage 3 for one net: build, train with checkpoints, evaluate, write metrics."""
+
+  def __init__(self, config: ml_collections.ConfigDict, net: netspec.NetSpec, workdir: str,
+               parallel: DataParallel | None = None, writer: Any = None, tag: str = "train"):
+    self.config = config
+    self.cfg = config.train
+    self.workdir = workdir
+    self.tag = tag
+    self.parallel = parallel or DataParallel()
+    self.writer = writer
+    if self.cfg.se and not net.se:
+      net = netspec.NetSpec(net.layers, net.stem_channels, net.head_channels,
+                            net.num_classes, net.resolution, net.bn_momentum, net.bn_eps, True)
+    self.net = net
+    self.model = cells.Net(net, dtype=DTYPES[self.cfg.dtype])
+    self.steps_per_epoch = input_pipeline.steps_per_epoch(config.data, "train",
+                                                          self.cfg.batch_size)
+    self.total_steps = supernet.epochs_to_steps(self.cfg.epochs, self.steps_per_epoch)
+    lr = self.cfg.learning_rate * self.cfg.batch_size / 256
+    schedule = supernet.cosine_schedule(
+        lr, self.total_steps, supernet.epochs_to_steps(self.cfg.warmup_epochs,
+                                                       self.steps_per_epoch))
+    self.tx = supernet.weight_optimizer(schedule, self.cfg.weight_decay, self.cfg.momentum)
+    self._train_step = jax.jit(functools.partial(train_step, self.model, self.tx,
+                                                 self.cfg.label_smoothing), donate_argnums=0)
+    self._eval_step = jax.jit(functools.partial(eval_step, self.model))
+
+  def init_state(self) -> TrainState:
+    x = jnp.zeros((1, self.net.resolution, self.net.resolution, 3))
+    variables = jax.jit(lambda r: self.model.init(r, x, train=False))(
+        jax.random.PRNGKey(self.config.seed + 2))
+    params = variables["params"]
+    return self.parallel.replicate(TrainState(jnp.zeros((), jnp.int32), params,
+                                              variables["batch_stats"], self.tx.init(params)))
+
+  def evaluate(self, state: TrainState) -> dict:
+    totals = {"top1": 0.0, "top5": 0.0, "count": 0.0}
+    for batch in input_pipeline.make_iterator(
+        self.config.data, "eval", self.cfg.batch_size, seed=self.config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count()):
+      out = self._eval_step(state, self.parallel.global_batch(batch))
+      for k in totals:
+        totals[k] += float(out[k])
+    return {"top1": totals["top1"] / totals["count"], "top5": totals["top5"] / totals["count"]}
+
+  def run(self) -> dict:
+    os.makedirs(self.workdir, exist_ok=True)
+    ckpt = checkpointing.Checkpointer(os.path.join(self.workdir, "checkpoints"),
+                                      self.config.checkpoint.max_to_keep)
+    template = jax.eval_shape(self.init_state)
+    restored = ckpt.restore_latest(lambda meta: jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.parallel.replicated),
+        template))
+    if restored is None:
+      state, step = self.init_state(), 0
+    else:
+      step, state, _ = restored
+      state = self.parallel.replicate(state)
+      logging.info("%s: resuming from step %d", self.tag, step)
+    data = input_pipeline.make_iterator(
+        self.config.data, "train", self.cfg.batch_size, seed=self.config.seed,
+        start_step=step, process_index=jax.process_index(), process_count=jax.process_count())
+    bar = progress.Bar(self.total_steps, self.tag, initial=step)
+    history = []
+    eval_every = supernet.epochs_to_steps(self.cfg.eval_every_epochs, self.steps_per_epoch)
+    while step < self.total_steps:
+      state, metrics = self._train_step(state, self.parallel.global_batch(next(data)))
+      step += 1
+      supernet.check_finite(metrics["loss"], self.tag, step)
+      bar.update(step, metrics)
+      if self.writer is not None and step % self.config.log_every_steps == 0:
+        self.writer.write_scalars(step, {k: float(v) for k, v in metrics.items()}, self.tag)
+      if eval_every and step % eval_every == 0 and step < self.total_steps:
+        history.append({"step": step, **self.evaluate(state)})
+      if step % self.config.checkpoint.every_steps == 0 or step == self.total_steps:
+        ckpt.save(step, state, {"step": step}, force=step == self.total_steps)
+      if checkpointing.should_stop(step):
+        ckpt.save(step, state, {"step": step}, force=True)
+        ckpt.wait()
+        raise checkpointing.Preempted(ckpt.directory, step)
+    bar.close()
+    ckpt.wait()
+    ckpt.close()
+    final = self.evaluate(state)
+    cost = counting.net_cost(self.net)
+    metrics = {"top1": final["top1"], "top5": final["top5"], "params": cost.params,
+               "madds": cost.madds, "steps": step, "epochs": self.cfg.epochs,
+               "dtype": self.cfg.dtype, "se": self.net.se, "history": history}
+    if self.writer is not None:
+      self.writer.write_scalars(step, {"eval_top1": final["top1"], "eval_top5": final["top5"]},
+                                self.tag)
+    if jax.process_index() == 0:
+      with open(os.path.join(self.workdir, METRICS_FILE), "w") as f:
+        json.dump(metrics, f, indent=1)
+    print(f"{self.tag}: top-1 {final['top1']:.2%} top-5 {final['top5']:.2%} "
+          f"params={cost.params:,} madds={cost.madds:,}")
+    return metrics
+
+
+def run(config: ml_collections.ConfigDict, net_path: str, workdir: str, writer: Any = None,
+        parallel: DataParallel | None = None, tag: str = "train") -> dict:
+  """Train ``net_path`` into ``workdir`` unless its metrics already exist."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  net = netspec.load_net(net_path)
+  info = input_pipeline.dataset_info(config.data.name)
+  if net.num_classes != info.num_classes or net.resolution != config.data.image_size:
+    net = netspec.NetSpec(net.layers, net.stem_channels, net.head_channels, info.num_classes,
+                          config.data.image_size, net.bn_momentum, net.bn_eps, net.se)
+  return Trainer(config, net, workdir, parallel, writer, tag).run()
+
+
+def accuracy_summary(metrics: dict) -> str:
+  return f"top-1 {metrics['top1']:.2%}, top-5 {metrics['top5']:.2%}"
+
+
+del np

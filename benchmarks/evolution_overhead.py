@@ -1,0 +1,159 @@
+"""What stage 1's evolution costs: compile stalls, supernet step overhead, host rounds.
+
+Runs the default config's stage 1 (>= 10 mutation rounds at f = 40) and prints, last:
+  compile_stall_fraction=<x> step_ratio=<y> evolution_ms=<z>
+x: share of the stage's wall time spent tracing, lowering or compiling (jax.monitoring);
+y: supernet step time over the step time of a static single-path net (`cells.Net`, one
+   jitted program) running the same sampled cells on the same batches;
+z: host ms per mutation round at P 1000, K 9, 21 layers (the ImageNet skeleton).
+
+Usage: python benchmarks/evolution_overhead.py [--workdir DIR] [--paths N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from autospace_jax import cells  # noqa: E402
+from autospace_jax import evolution  # noqa: E402
+from autospace_jax import input_pipeline  # noqa: E402
+from autospace_jax import presets  # noqa: E402
+from autospace_jax import space_search  # noqa: E402
+from autospace_jax import supernet  # noqa: E402
+from autospace_jax import train  # noqa: E402
+
+COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+                  "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                  "/jax/core/compile/backend_compile_duration")
+
+
+class CompileClock:
+  """Sums the durations JAX reports for tracing, lowering and compiling."""
+
+  def __init__(self):
+    self.seconds = 0.0
+    jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+  def _listen(self, event, duration, **kwargs):
+    if event in COMPILE_EVENTS:
+      self.seconds += duration
+
+
+def stage1_stall(workdir: str) -> tuple[float, space_search.SpaceSearch, float]:
+  config = presets.default()
+  config.stages = "space"
+  search = space_search.SpaceSearch(config, workdir)
+  rounds = (search.total_steps - search.warmup_steps) // config.space.mutation_interval
+  clock = CompileClock()
+  start = time.perf_counter()
+  search.run()
+  wall = time.perf_counter() - start
+  print(f"stage 1: {search.total_steps} steps, {rounds} mutation rounds, {wall:.1f}s wall, "
+        f"{clock.seconds:.1f}s tracing/compiling")
+  return clock.seconds / wall, search, wall
+
+
+def time_steps(fn, repeats: int) -> float:
+  fn()  # compile / warm
+  start = time.perf_counter()
+  for _ in range(repeats):
+    out = fn()
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) / repeats
+
+
+def step_ratio(search: space_search.SpaceSearch, paths: int, repeats: int = 10) -> float:
+  """Supernet vs static single-path net on the same sampled cells and batches."""
+  cfg = search.cfg
+  run = search.initial_run()
+  state = search.trainer.init(jax.random.PRNGKey(0), cfg.num_cells)
+  data = input_pipeline.make_iterator(search.config.data, "search_train", cfg.batch_size,
+                                      seed=0)
+  batch = next(data)
+  rng = np.random.default_rng(0)
+  ratios = []
+  for _ in range(paths):
+    candidates = run.candidates()
+    path = supernet.sample_path(np.full((len(candidates), cfg.num_cells), 1 / cfg.num_cells),
+                                rng)
+
+    def supernet_step():
+      nonlocal state
+      metrics, grads, alpha_grad, path_run = search.trainer.loss_and_grads(
+          state, batch, candidates, path, train_alpha=True)
+      state = search.trainer.apply(state, grads, alpha_grad, path_run)
+      return state.alpha
+
+    net = cells.Net(search.spec.net_spec([candidates[i][c] for i, c in enumerate(path)]))
+    tx = supernet.weight_optimizer(0.01, cfg.weight_decay, cfg.momentum)
+    variables = net.init(jax.random.PRNGKey(1), batch["image"][:1], train=False)
+    static_state = train.TrainState(np.int32(0), variables["params"], variables["batch_stats"],
+                                    tx.init(variables["params"]))
+    step = jax.jit(functools.partial(train.train_step, net, tx, cfg.label_smoothing))
+    device_batch = jax.device_put(batch)
+
+    def static_step():
+      nonlocal static_state
+      static_state, metrics = step(static_state, device_batch)
+      return metrics["loss"]
+
+    t_super = time_steps(supernet_step, repeats)
+    t_static = time_steps(static_step, repeats)
+    print(f"path {path}: supernet {t_super * 1e3:.1f} ms, static {t_static * 1e3:.1f} ms")
+    ratios.append(t_super / t_static)
+  return float(np.mean(ratios))
+
+
+def evolution_round_ms(rounds: int = 10) -> float:
+  """Host time of one mutation round at the paper's sizes."""
+  config = presets.imagenet()
+  spec = space_search.supernet_spec(config, 1000, (3, 5))
+  shapes = space_search.cell_shapes(spec)
+  cfg = config.space
+  search = space_search.SpaceSearch.__new__(space_search.SpaceSearch)
+  search.config, search.cfg, search.shapes = config, cfg, shapes
+  search.constraints = [evolution.layer_constraints(s, cfg.madds_cap_ratio,
+                                                    cfg.reference_distance) for s in shapes]
+  search.settings = evolution.EvolutionSettings(cfg.num_cells, cfg.window, tuple(cfg.codes),
+                                                cfg.gene_mutation_probability,
+                                                cfg.compensation, cfg.population_update)
+  run = search.initial_run()
+  rng = np.random.default_rng(0)
+  times = []
+  for r in range(rounds):
+    alpha = rng.normal(size=(len(shapes), cfg.num_cells))
+    start = time.perf_counter()
+    for layer, population in enumerate(run.populations):
+      evolution.write_back(population, run.slots[layer], alpha[layer], cfg.mutation_interval)
+      run.slots[layer] = evolution.evolve_layer(
+          population, run.slots[layer], search.settings, cfg.team_sizes[r % 4],
+          search._feasible(layer, True), r, np.random.default_rng([0, r, layer]))
+    times.append(time.perf_counter() - start)
+  return 1e3 * float(np.median(times))
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--workdir", default=None)
+  parser.add_argument("--paths", type=int, default=3)
+  args = parser.parse_args()
+  workdir = args.workdir or tempfile.mkdtemp(prefix="autospace_bench_")
+  stall, search, _ = stage1_stall(workdir)
+  ratio = step_ratio(search, args.paths)
+  ms = evolution_round_ms()
+  print(f"device={jax.devices()[0].platform} devices={jax.device_count()}")
+  print(f"compile_stall_fraction={stall:.3f} step_ratio={ratio:.2f} evolution_ms={ms:.1f}")
+
+
+if __name__ == "__main__":
+  main()

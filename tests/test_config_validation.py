@@ -1,0 +1,242 @@
+"""Tests of config_validation: presets pass; bad values fail fast with one-line messages.
+
+The table of invalid overrides is the main test: each row is applied to the embedded
+default and must raise `ConfigError` naming the field. The command-line check runs
+`python -m autospace_jax.main` with a few bad flags and expects a one-line error, a
+non-zero exit and no traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from autospace_jax import config_validation
+from autospace_jax import genome as genome_lib
+from autospace_jax import netspec
+from autospace_jax import presets
+from autospace_jax.config_validation import ConfigError
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+MAIN_EXISTS = (ROOT / "autospace_jax" / "main.py").exists()
+
+
+def _override(config, overrides: dict):
+  """Set dotted fields, type changes included (a config file can produce them)."""
+  with config.ignore_type():
+    for path, value in overrides.items():
+      *sections, field = path.split(".")
+      node = config
+      for section in sections:
+        node = node[section]
+      node[field] = value
+  return config
+
+
+def _net_file(directory: pathlib.Path) -> str:
+  """A valid net JSON for the default skeleton."""
+  config = presets.default()
+  layers = config.model.layers_per_stage
+  path = directory / "net.json"
+  netspec.save_net(netspec.build_net([genome_lib.REFERENCE] * sum(layers),
+                                     config.model.width_multiplier, layers, 10, 32), path)
+  return str(path)
+
+
+def _error(config, workdir: str | None = None) -> str:
+  with pytest.raises(ConfigError) as info:
+    config_validation.validate(config, workdir)
+  message = str(info.value)
+  assert "\n" not in message
+  return message
+
+
+@pytest.mark.parametrize("name", ["default", "cifar10", "imagenet"])
+def test_presets_are_valid(name, tmp_path):
+  config_validation.validate(presets.get_config(name), str(tmp_path / "run"))
+  assert (tmp_path / "run").is_dir()
+
+
+INVALID = [
+    ({"stages": ""}, "stages="),
+    ({"stages": "train,space"}, "stages="),
+    ({"stages": "space,eval"}, "stages="),
+    ({"stages": "space,space"}, "stages="),
+    ({"seed": -1}, "seed"),
+    ({"log_every_steps": 0}, "log_every_steps"),
+    ({"checkpoint.every_steps": 0}, "checkpoint.every_steps"),
+    ({"checkpoint.max_to_keep": 0}, "checkpoint.max_to_keep"),
+    ({"data.name": "mnist"}, "data.name"),
+    ({"data.image_size": 8}, "data.image_size"),
+    ({"data.image_size": 32.5}, "data.image_size"),
+    ({"model.width_multiplier": 0.0}, "model.width_multiplier"),
+    ({"model.layers_per_stage": (1, 2, 2)}, "model.layers_per_stage"),
+    ({"model.layers_per_stage": (1, 0, 2, 1, 1, 1)}, "model.layers_per_stage"),
+    ({"space.population_size": 0}, "space.population_size"),
+    ({"space.num_cells": 200}, "space.num_cells"),
+    ({"space.num_cells": "abc"}, "space.num_cells"),
+    ({"space.num_cells": True}, "space.num_cells"),
+    ({"space.team_sizes": (10, 200)}, "space.team_sizes"),
+    ({"space.team_sizes": (30, 20)}, "space.team_sizes"),
+    ({"space.team_sizes": ()}, "space.team_sizes"),
+    ({"space.window": 5}, "space.window"),
+    ({"space.window": 1}, "space.window"),
+    ({"space.codes": (1, 4)}, "space.codes"),
+    ({"space.codes": (1, 2)}, "space.codes"),
+    ({"space.codes": (1, 3)}, "space.codes"),
+    ({"space.codes": (2, 3, 3)}, "space.codes"),
+    ({"space.gene_mutation_probability": 1.5}, "space.gene_mutation_probability"),
+    ({"space.madds_cap_ratio": 0.0}, "space.madds_cap_ratio"),
+    ({"space.madds_cap_ratio": 0.01}, "space.madds_cap_ratio"),
+    ({"space.madds_cap_ratio": 0.5, "space.reference_distance": 0},
+     "space.reference_distance"),
+    ({"space.reference_distance": 9}, "space.reference_distance"),
+    ({"space.reference_stop_epoch": -1}, "space.reference_stop_epoch"),
+    ({"space.compensation": "linear"}, "space.compensation"),
+    ({"space.population_update": "aging", "space.population_size": 12,
+      "space.team_sizes": (4,)}, "space.population_size"),
+    ({"space.estimator": "exact"}, "space.estimator"),
+    ({"space.warmup_epochs": float("nan")}, "space.warmup_epochs"),
+    ({"space.evolution_epochs": 0}, "space.evolution_epochs"),
+    ({"space.mutation_interval": 0}, "space.mutation_interval"),
+    ({"space.batch_size": -8}, "space.batch_size"),
+    ({"space.learning_rate": 0.0}, "space.learning_rate"),
+    ({"space.momentum": 1.0}, "space.momentum"),
+    ({"space.alpha_b2": 1.0}, "space.alpha_b2"),
+    ({"search.space": "/nonexistent/space.config"}, "search.space"),
+    ({"search.targets": (0,)}, "search.targets"),
+    ({"search.target_fractions": (0.0,)}, "search.target_fractions"),
+    ({"search.targets": (), "search.target_fractions": ()}, "search.target"),
+    ({"search.beta": -1.0}, "search.beta"),
+    ({"search.estimator": "reinforce"}, "search.estimator"),
+    ({"search.compare_irb": "yes"}, "search.compare_irb"),
+    ({"train.net": "/nonexistent/net.json"}, "train.net"),
+    ({"stages": "train"}, "train.net"),
+    ({"train.dtype": "float16"}, "train.dtype"),
+    ({"train.se": 1}, "train.se"),
+    ({"train.epochs": 0}, "train.epochs"),
+    ({"train.weight_decay": -1e-4}, "train.weight_decay"),
+    ({"train.label_smoothing": 1.0}, "train.label_smoothing"),
+]
+
+
+@pytest.mark.parametrize("overrides,field", INVALID,
+                         ids=[",".join(o) + f"={list(o.values())}" for o, _ in INVALID])
+def test_invalid_config_names_the_field(overrides, field):
+  assert field in _error(_override(presets.default(), overrides))
+
+
+def test_messages_say_what_is_allowed():
+  assert _error(_override(presets.default(), {"space.num_cells": 12,
+                                              "space.population_size": 10,
+                                              "space.team_sizes": (1,)})) == (
+      "space.num_cells=12 must be <= space.population_size=10")
+  assert _error(_override(presets.default(), {"data.name": "mnist"})) == (
+      "data.name='mnist' is not one of digits, cifar10, imagenet2012")
+  assert _error(_override(presets.default(), {"space.num_cells": "abc"})) == (
+      "space.num_cells='abc' must be an int")
+  message = _error(_override(presets.default(), {"space.madds_cap_ratio": 0.01}))
+  assert message.startswith("space.madds_cap_ratio=0.01 gives a cap below the cheapest "
+                            "valid cell at layer ")
+
+
+def test_config_error_is_a_value_error_of_one_line():
+  assert issubclass(ConfigError, ValueError)
+  assert str(ConfigError("a\nb")) == "a b"
+
+
+def test_missing_field_is_named():
+  config = presets.default()
+  del config.space["window"]
+  assert _error(config) == "space.window is missing from the config"
+
+
+def test_learned_space_must_exist_without_the_space_stage(tmp_path):
+  config = _override(presets.default(), {"stages": "search,train"})
+  assert "--config.search.space=PATH" in _error(config, str(tmp_path))
+  from autospace_jax import space_search  # noqa: PLC0415
+  (tmp_path / "space").mkdir()
+  (tmp_path / "space" / space_search.SPACE_CONFIG).write_text("{}")
+  config_validation.validate(config, str(tmp_path))
+
+
+def test_train_only_needs_a_readable_net(tmp_path):
+  config = _override(presets.default(), {"stages": "train", "train.net": _net_file(tmp_path)})
+  config_validation.validate(config)
+  (tmp_path / "bad.json").write_text("{}")
+  config.train.net = str(tmp_path / "bad.json")
+  assert _error(config).startswith(f"train.net={config.train.net!r} is not a valid net file: ")
+
+
+def test_space_file_must_be_readable(tmp_path):
+  space = tmp_path / "space.config"
+  netspec.save_space([[genome_lib.REFERENCE] * 3] * 8, space)
+  config = _override(presets.default(), {"stages": "search", "search.space": str(space)})
+  config_validation.validate(config)
+  space.write_text("not json")
+  assert _error(config).startswith(f"search.space={str(space)!r} is not a valid space file")
+
+
+def test_workdir_must_be_writable(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("")
+  config = presets.default()
+  assert _error(config, str(blocker)).startswith(f"workdir={str(blocker)!r} is not writable")
+  assert _error(config, str(blocker / "run")).startswith(
+      f"workdir={str(blocker / 'run')!r} is not writable: ")
+
+
+def test_remote_workdir_is_not_probed():
+  config_validation.validate(_override(presets.default(), {"stages": "space"}),
+                             "gs://bucket/run")
+
+
+def test_batch_sizes_split_over_devices(monkeypatch):
+  monkeypatch.setattr(jax, "device_count", lambda: 3)
+  assert _error(presets.default()) == (
+      "space.batch_size=64 must be divisible by jax.device_count()=3")
+  monkeypatch.setattr(jax, "device_count", lambda: 4)
+  monkeypatch.setattr(jax, "process_count", lambda: 3)
+  assert "jax.process_count()=3" in _error(presets.default())
+
+
+def test_batch_sizes_of_stages_not_run_are_not_split(monkeypatch, tmp_path):
+  config = _override(presets.default(), {"stages": "train", "train.net": _net_file(tmp_path),
+                                         "space.batch_size": 63})
+  monkeypatch.setattr(jax, "device_count", lambda: 2)
+  config_validation.validate(config)
+
+
+def test_device_check_waits_for_a_multiprocess_job_to_join(monkeypatch):
+  monkeypatch.setenv("AUTOSPACE_CLUSTER", "tpu")
+  monkeypatch.setattr(jax, "device_count", lambda: 3)
+  config_validation.validate(presets.default())
+
+
+CLI_CASES = [
+    ("--config.space.num_cells=200", "space.num_cells"),
+    ("--config.data.name=mnist", "data.name"),
+    ("--config.stages=train,space", "stages"),
+    ("--config.train.dtype=float16", "train.dtype"),
+    ("--config.space.madds_cap_ratio=0.01", "space.madds_cap_ratio"),
+]
+
+
+@pytest.mark.skipif(not MAIN_EXISTS, reason="autospace_jax/main.py is not written yet")
+@pytest.mark.parametrize("flag,field", CLI_CASES, ids=[f for f, _ in CLI_CASES])
+def test_command_line_reports_one_line_error(flag, field, tmp_path):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
+  result = subprocess.run(
+      [sys.executable, "-m", "autospace_jax.main", flag, f"--workdir={tmp_path / 'run'}"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+  assert result.returncode != 0
+  assert "Traceback" not in result.stderr
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1, result.stderr
+  assert field in errors[0]
+  assert not (tmp_path / "run").exists()
