@@ -185,8 +185,7 @@ class ArchSearch:
                                                                     self.steps_per_epoch)
     schedule = supernet.cosine_schedule(self.cfg.learning_rate, self.total_steps)
     self.trainer = supernet.SupernetTrainer(
-        self.spec, supernet.weight_optimizer(schedule, self.cfg.weight_decay,
-                                             self.cfg.momentum),
+        self.spec, schedule, self.cfg.weight_decay, self.cfg.momentum,
         supernet.alpha_optimizer(self.cfg.alpha_learning_rate),
         self.cfg.label_smoothing, self.cfg.estimator, self.parallel, self.mask)
 

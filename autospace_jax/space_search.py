@@ -102,8 +102,7 @@ class SpaceSearch:
         self.cfg.population_update)
     schedule = supernet.cosine_schedule(self.cfg.learning_rate, self.total_steps)
     self.trainer = supernet.SupernetTrainer(
-        self.spec, supernet.weight_optimizer(schedule, self.cfg.weight_decay,
-                                             self.cfg.momentum),
+        self.spec, schedule, self.cfg.weight_decay, self.cfg.momentum,
         supernet.alpha_optimizer(self.cfg.alpha_learning_rate, self.cfg.alpha_b1,
                                  self.cfg.alpha_b2),
         self.cfg.label_smoothing, self.cfg.estimator, self.parallel)

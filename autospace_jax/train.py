@@ -96,9 +96,7 @@ class Trainer:
     self._eval_step = jax.jit(functools.partial(eval_step, self.model))
 
   def init_state(self) -> TrainState:
-    x = jnp.zeros((1, self.net.resolution, self.net.resolution, 3))
-    variables = jax.jit(lambda r: self.model.init(r, x, train=False))(
-        jax.random.PRNGKey(self.config.seed + 2))
+    _, variables = cells.init_net(self.net, np.random.default_rng([self.config.seed, 2]))
     params = variables["params"]
     return self.parallel.replicate(TrainState(jnp.zeros((), jnp.int32), params,
                                               variables["batch_stats"], self.tx.init(params)))

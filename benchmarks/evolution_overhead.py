@@ -94,9 +94,10 @@ def step_ratio(search: space_search.SpaceSearch, paths: int, repeats: int = 10) 
       state = search.trainer.apply(state, grads, alpha_grad, path_run)
       return state.alpha
 
-    net = cells.Net(search.spec.net_spec([candidates[i][c] for i, c in enumerate(path)]))
+    net, variables = cells.init_net(
+        search.spec.net_spec([candidates[i][c] for i, c in enumerate(path)]),
+        np.random.default_rng(1))
     tx = supernet.weight_optimizer(0.01, cfg.weight_decay, cfg.momentum)
-    variables = net.init(jax.random.PRNGKey(1), batch["image"][:1], train=False)
     static_state = train.TrainState(np.int32(0), variables["params"], variables["batch_stats"],
                                     tx.init(variables["params"]))
     step = jax.jit(functools.partial(train.train_step, net, tx, cfg.label_smoothing))

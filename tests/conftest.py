@@ -9,6 +9,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DATA = Path(__file__).resolve().parent / "data"
+# One persistent XLA cache for the suite and its subprocesses: most tests run the same
+# small per-op supernet programs, which then compile once per suite, not once per test.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 from autospace_jax import presets  # noqa: E402
 
