@@ -183,5 +183,3 @@ def run(config: ml_collections.ConfigDict, net_path: str, workdir: str, writer: 
 def accuracy_summary(metrics: dict) -> str:
   return f"top-1 {metrics['top1']:.2%}, top-5 {metrics['top5']:.2%}"
 
-
-del np
