@@ -247,7 +247,7 @@ class ArchSearch:
     return self.write_outputs(np.asarray(jax.device_get(state.alpha), np.float64))
 
   def _init_state(self):
-    return self.trainer.init(jax.random.PRNGKey(self.config.seed + 1), self.mask.shape[1])
+    return self.trainer.init(self.config.seed + 1, self.mask.shape[1])
 
   def write_outputs(self, alpha: np.ndarray) -> dict:
     choice = derive(alpha, self.mask, self.candidate_madds, self.fixed_madds,

@@ -230,11 +230,11 @@ class SpaceSearch:
       return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                          sharding=self.parallel.replicated),
                           template)
-    template = jax.eval_shape(lambda: self.trainer.init(jax.random.PRNGKey(0),
+    template = jax.eval_shape(lambda: self.trainer.init(0,
                                                         self.cfg.num_cells))
     restored = ckpt.restore_latest(abstract)
     if restored is None:
-      state = self.trainer.init(jax.random.PRNGKey(self.config.seed), self.cfg.num_cells)
+      state = self.trainer.init(self.config.seed, self.cfg.num_cells)
       return state, self.initial_run()
     step, state, meta = restored
     logging.info("space: resuming from step %d", step)

@@ -173,9 +173,9 @@ def layer_name(index: int) -> str:
   return f"layer_{index:02d}"
 
 
-def init_variables(spec: SupernetSpec, rng: jax.Array) -> dict:
+def init_variables(spec: SupernetSpec, seed: int) -> dict:
   """{'params': ..., 'batch_stats': ...} for the fixed parts and every layer's bank."""
-  host_rng = np.random.default_rng(np.asarray(jax.random.key_data(rng)).ravel())
+  host_rng = np.random.default_rng(seed)
   params: dict[str, Any] = {"layers": {}}
   stats: dict[str, Any] = {"layers": {}}
   inputs = _fixed_inputs(spec)
@@ -426,8 +426,8 @@ class SupernetTrainer:
     self.alpha_mask = alpha_mask
     self._alpha_update = jax.jit(self._apply_alpha)
 
-  def init(self, rng: jax.Array, num_candidates: int) -> TrainState:
-    variables = init_variables(self.spec, rng)
+  def init(self, seed: int, num_candidates: int) -> TrainState:
+    variables = init_variables(self.spec, seed)
     params = variables["params"]
     opt_state = _with_entries(params, {k: self.weight_tx.init(_get(params, k))
                                        for k in entry_keys(params)})

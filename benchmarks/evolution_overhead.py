@@ -76,7 +76,7 @@ def step_ratio(search: space_search.SpaceSearch, paths: int, repeats: int = 10) 
   """Supernet vs static single-path net on the same sampled cells and batches."""
   cfg = search.cfg
   run = search.initial_run()
-  state = search.trainer.init(jax.random.PRNGKey(0), cfg.num_cells)
+  state = search.trainer.init(0, cfg.num_cells)
   data = input_pipeline.make_iterator(search.config.data, "search_train", cfg.batch_size,
                                       seed=0)
   batch = next(data)

@@ -49,7 +49,7 @@ def leaves_by_entry(tree):
 
 def test_one_step_changes_only_the_sampled_cells_weights_optimizer_state_and_bn_stats():
   spec, trainer = make_trainer()
-  state = trainer.init(jax.random.PRNGKey(0), 3)
+  state = trainer.init(0, 3)
   cands = candidates_for(spec)
   # Two steps through every candidate give every entry momentum and moved BN statistics.
   for i, path in enumerate(([0] * 6, [1] * 6, [2] * 6)):
@@ -93,7 +93,7 @@ def static_params(spec, variables, ops):
 
 def test_host_chained_path_computes_the_same_loss_and_gradients_as_the_static_net():
   spec, trainer = make_trainer()
-  state = trainer.init(jax.random.PRNGKey(1), 3)
+  state = trainer.init(1, 3)
   cands = candidates_for(spec)
   path = [2, 0, 1, 2, 2, 0]
   ops = [cands[i][c] for i, c in enumerate(path)]
@@ -119,7 +119,7 @@ def test_host_chained_path_computes_the_same_loss_and_gradients_as_the_static_ne
 
 def test_swapping_in_new_cells_compiles_nothing_once_their_op_kinds_have_run():
   spec, trainer = make_trainer()
-  state = trainer.init(jax.random.PRNGKey(0), 3)
+  state = trainer.init(0, 3)
   cands = candidates_for(spec)
   for i, path in enumerate(([0] * 6, [1] * 6, [2] * 6)):
     state, _ = step(trainer, state, cands, path, i)
@@ -141,7 +141,7 @@ def test_sampled_estimator_gives_the_analytic_alpha_gradient():
   """∂L/∂α_k = <∂L/∂y, o>(δ_ik − p_k) for the sampled cell i: its sign pattern and
   zero sum over each layer's candidates."""
   spec, trainer = make_trainer()
-  state = trainer.init(jax.random.PRNGKey(0), 3)
+  state = trainer.init(0, 3)
   state = state.replace(alpha=jnp.asarray(np.random.default_rng(0).normal(size=(6, 3)),
                                           jnp.float32))
   cands = candidates_for(spec)
@@ -158,7 +158,7 @@ def test_sampled_estimator_gives_the_analytic_alpha_gradient():
 
 def test_proxyless_estimator_gradient_matches_its_formula_and_zero_gets_signal():
   spec, trainer = make_trainer("proxyless")
-  state = trainer.init(jax.random.PRNGKey(0), 3)
+  state = trainer.init(0, 3)
   cands = [[genome_lib.irb(3, 6), genome_lib.irb(5, 3), netspec.ZERO] if not s.stride == 2
            and s.in_channels == s.out_channels else candidates_for(spec)[0]
            for s in spec.layers]
