@@ -258,8 +258,10 @@ class ArchSearch:
     result = {"space": self.space_name, "target_madds": self.target.madds,
               "params": cost.params, "madds": cost.madds,
               "madds_error": cost.madds / self.target.madds - 1.0,
-              "alpha": alpha.tolist(), "choice": choice,
-              "cells": ["zero" if op == netspec.ZERO else op.describe() for op in ops]}
+              "alpha": alpha.tolist(), "choice": choice, "steps": self.total_steps,
+              "cells": ["zero" if op == netspec.ZERO else op.describe() for op in ops],
+              "matrices": [None if op == netspec.ZERO else genome_lib.to_matrix(op)
+                           for op in ops]}
     if jax.process_index() == 0:
       netspec.save_net(net, os.path.join(self.workdir, NET_FILE))
       with open(os.path.join(self.workdir, RESULT_FILE), "w") as f:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging as std_logging
 import os
 import sys
 from typing import Sequence
@@ -100,6 +101,26 @@ def run_pipeline(config, workdir: str) -> dict:
   return summary
 
 
+class _OrbaxInfoFilter(std_logging.Filter):
+  """Orbax logs several INFO lines per checkpoint; keep its warnings, drop the chatter."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+
+
+def write_config_record(config, workdir: str) -> None:
+  """`workdir/config.json`, rewritten only when the config changed (a rerun of a finished
+  job with the same command leaves every file untouched)."""
+  path = os.path.join(workdir, "config.json")
+  text = json.dumps(config.to_dict(), indent=1, default=list)
+  if os.path.exists(path):
+    with open(path) as f:
+      if f.read() == text:
+        return
+  with open(path, "w") as f:
+    f.write(text)
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -110,10 +131,10 @@ def main(argv: Sequence[str]) -> None:
   except config_validation.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  logging.get_absl_handler().addFilter(_OrbaxInfoFilter())
   distributed.maybe_initialize()
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(config.to_dict(), f, indent=1, default=list)
+  write_config_record(config, workdir)
   logging.info("workdir: %s", workdir)
 
   from autospace_jax import checkpointing  # noqa: PLC0415

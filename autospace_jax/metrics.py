@@ -28,17 +28,24 @@ class MetricWriter:
     """`enabled` defaults to `jax.process_index() == 0`, read here rather than at import
     so that importing this module does not start JAX before `jax.distributed` does."""
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self.workdir = workdir
     self._summary = None
     self._jsonl = None
-    if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
-      self._summary = tensorboardX.SummaryWriter(logdir=os.path.join(workdir, TENSORBOARD_DIR))
-      self._jsonl = open(os.path.join(workdir, JSONL_FILE), 'a')  # noqa: SIM115
+
+  def _open(self) -> None:
+    """Files are created on the first write, so a run that resumes a finished job (and
+    logs nothing) leaves the work directory exactly as it was."""
+    if self._summary is None:
+      os.makedirs(self.workdir, exist_ok=True)
+      self._summary = tensorboardX.SummaryWriter(
+          logdir=os.path.join(self.workdir, TENSORBOARD_DIR))
+      self._jsonl = open(os.path.join(self.workdir, JSONL_FILE), 'a')  # noqa: SIM115
 
   def write_scalars(self, step: int, scalars: Mapping[str, float], stage: str = '') -> None:
     """Logs each scalar under the tag `stage/name` (just `name` without a stage)."""
     if not self.enabled:
       return
+    self._open()
     values = {name: float(value) for name, value in scalars.items()}
     for name, value in values.items():
       self._summary.add_scalar(_tag(stage, name), value, global_step=step)
@@ -47,18 +54,19 @@ class MetricWriter:
 
   def write_histogram(self, step: int, tag: str, values: Any) -> None:
     if self.enabled:
+      self._open()
       self._summary.add_histogram(tag, np.asarray(values), global_step=step)
 
   def flush(self) -> None:
-    if self.enabled:
+    if self.enabled and self._summary is not None:
       self._summary.flush()
       self._jsonl.flush()
 
   def close(self) -> None:
-    if self.enabled:
+    if self.enabled and self._summary is not None:
       self._summary.close()
       self._jsonl.close()
-      self.enabled = False
+    self.enabled = False
 
 
 def _tag(stage: str, name: str) -> str:

@@ -31,8 +31,8 @@ def imagenet() -> ml_collections.ConfigDict:
   config.space.population_size = 1000        # P
   config.space.num_cells = 9                 # K
   config.space.mutation_interval = 40        # f, steps between evolution rounds
-  config.space.warmup_epochs = 40            # weights only, cells sampled uniformly
-  config.space.evolution_epochs = 120
+  config.space.warmup_epochs = 40.0          # weights only, cells sampled uniformly
+  config.space.evolution_epochs = 120.0
   config.space.batch_size = 256
   config.space.team_sizes = (30, 103, 177, 250)  # T, in equal spans of evolution
   config.space.window = 3                    # W, nodes in a mutation window
@@ -58,8 +58,8 @@ def imagenet() -> ml_collections.ConfigDict:
   config.search.compare_irb = True           # also search the IRB baseline space
   config.search.targets = (340_000_000,)     # MAdds targets (absolute) ...
   config.search.target_fractions = ()        # ... or fractions of the IRB k3 e6 net
-  config.search.warmup_epochs = 10           # weights only before α is trained
-  config.search.epochs = 120
+  config.search.warmup_epochs = 10.0         # weights only before α is trained
+  config.search.epochs = 120.0
   config.search.batch_size = 256
   config.search.learning_rate = 0.025
   config.search.momentum = 0.9
@@ -72,16 +72,16 @@ def imagenet() -> ml_collections.ConfigDict:
   # Stage 3: retrain the found net from scratch.
   config.train = ml_collections.ConfigDict()
   config.train.net = ""                      # net JSON; empty = stage 2's result
-  config.train.epochs = 300
+  config.train.epochs = 300.0
   config.train.batch_size = 256
   config.train.learning_rate = 0.1           # per 256 images, cosine
-  config.train.warmup_epochs = 5
+  config.train.warmup_epochs = 5.0
   config.train.momentum = 0.9
   config.train.weight_decay = 4e-5           # none on BN and biases
   config.train.label_smoothing = 0.1
   config.train.dtype = "bfloat16"            # bfloat16 | float32 compute
   config.train.se = False                    # SE (ratio 0.25) in every cell
-  config.train.eval_every_epochs = 5
+  config.train.eval_every_epochs = 5.0
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 1000
@@ -100,16 +100,16 @@ def cifar10() -> ml_collections.ConfigDict:
   config.model.layers_per_stage = (2, 3, 3, 2, 3, 1)
   config.space.population_size = 300
   config.space.num_cells = 9
-  config.space.warmup_epochs = 10
-  config.space.evolution_epochs = 40
+  config.space.warmup_epochs = 10.0
+  config.space.evolution_epochs = 40.0
   config.space.batch_size = 128
   config.space.team_sizes = (20, 40, 60, 80)
   config.space.reference_stop_epoch = 20
   config.search.targets = ()
   config.search.target_fractions = (0.6, 0.8, 1.0)
-  config.search.epochs = 40
+  config.search.epochs = 40.0
   config.search.batch_size = 128
-  config.train.epochs = 200
+  config.train.epochs = 200.0
   config.train.batch_size = 128
   return config
 
@@ -126,8 +126,8 @@ def default() -> ml_collections.ConfigDict:
   config.space.num_cells = 5
   config.space.mutation_interval = 40
   config.space.batch_size = 64
-  config.space.warmup_epochs = 4
-  config.space.evolution_epochs = 24
+  config.space.warmup_epochs = 4.0
+  config.space.evolution_epochs = 24.0
   config.space.team_sizes = (10, 20, 30, 40)
   config.space.reference_stop_epoch = 12
   config.space.learning_rate = 0.05
@@ -135,16 +135,16 @@ def default() -> ml_collections.ConfigDict:
   config.search.targets = ()
   config.search.target_fractions = (0.6, 0.8, 1.0)
   config.search.batch_size = 64
-  config.search.warmup_epochs = 2
-  config.search.epochs = 8
+  config.search.warmup_epochs = 2.0
+  config.search.epochs = 8.0
   config.search.learning_rate = 0.05
 
   config.train.batch_size = 64
-  config.train.epochs = 30
-  config.train.warmup_epochs = 1
+  config.train.epochs = 30.0
+  config.train.warmup_epochs = 1.0
   config.train.learning_rate = 0.4
   config.train.dtype = "float32"
-  config.train.eval_every_epochs = 10
+  config.train.eval_every_epochs = 10.0
   config.checkpoint.every_steps = 200
   return config
 

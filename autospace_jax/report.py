@@ -10,6 +10,7 @@ deterministic: the same inputs give byte-identical files.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import Any, Sequence
@@ -63,28 +64,6 @@ def _load_runs(workdir: str, stage: str, filename: str) -> dict[str, dict]:
           if os.path.isfile(os.path.join(root, name, filename))}
 
 
-def genome_from_description(text: str) -> genome_lib.Genome:
-  """Invert `Genome.describe` (e.g. ``e6 0>1:dw3x3 1>2:identity attn2``).
-
-  A mix gene that has no effect (fewer than two in-edges) is not in the description and
-  comes back as 0, which draws the same cell.
-  """
-  codes = {name: code for code, name in genome_lib.OP_NAMES.items()}
-  edges = dict.fromkeys(genome_lib.EDGES, genome_lib.NONE)
-  expansion, mix = 6, [0, 0]
-  for token in text.split():
-    if token.startswith("attn"):
-      mix[int(token[4:]) - 2] = 1
-    elif token.startswith("e"):
-      expansion = int(token[1:])
-    else:
-      slot, op = token.split(":")
-      j, i = slot.split(">")
-      edges[(int(j), int(i))] = codes[op]
-  return genome_lib.Genome(tuple(edges[e] for e in genome_lib.EDGES),
-                           genome_lib.EXPANSION_RATIOS.index(expansion), tuple(mix))
-
-
 # --- Formatting -----------------------------------------------------------------------
 
 
@@ -114,9 +93,21 @@ def _layer_label(index: int, layer: dict) -> str:
 # --- Figures --------------------------------------------------------------------------
 
 
+def _write_if_changed(path: str, content: bytes) -> None:
+  """Rewriting a finished run's report leaves identical files untouched (mtimes too)."""
+  if os.path.exists(path):
+    with open(path, "rb") as f:
+      if f.read() == content:
+        return
+  with open(path, "wb") as f:
+    f.write(content)
+
+
 def _save(fig: plt.Figure, path: str) -> None:
-  fig.savefig(path, dpi=DPI, metadata={"Software": None})
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
   plt.close(fig)
+  _write_if_changed(path, buffer.getvalue())
 
 
 def _grid(count: int, max_cols: int) -> tuple[int, int]:
@@ -298,20 +289,20 @@ def plot_learned_cells(space: dict, path: str) -> None:
 
 def plot_final_net(name: str, result: dict, path: str) -> None:
   """The final network's chosen cell in every layer (Zero layers are skipped layers)."""
-  descriptions = result["cells"]
-  rows, cols = _grid(len(descriptions), 6)
+  matrices = result["matrices"]
+  rows, cols = _grid(len(matrices), 6)
   fig, axes = _cell_grid(rows, cols, 0.1, f"Final net {name}: {_mega(result['madds'])} "
                          f"MAdds, {_mega(result['params'], 2)} params")
   for index, ax in enumerate(axes.flat):
-    if index >= len(descriptions):
+    if index >= len(matrices):
       ax.set_visible(False)
-    elif descriptions[index] == "zero":
+    elif matrices[index] is None:
       ax.axis("off")
       ax.set_title(f"layer {index}", fontsize=7, pad=2)
       ax.text(0.5, 0.5, "Zero\n(layer skipped)", ha="center", va="center", fontsize=7,
               color="#555555", transform=ax.transAxes)
     else:
-      g = genome_from_description(descriptions[index])
+      g = genome_lib.from_matrix(matrices[index])
       draw_cell(ax, g, f"layer {index}: {_cell_title(g)}")
   _save(fig, path)
 
@@ -577,6 +568,5 @@ def write_report(workdir: str, config_summary: dict | None = None) -> str:
   lines += _train_section(metrics, results, figures)
   lines += _final_section(final, inferred, results, metrics, figures)
   path = os.path.join(workdir, REPORT_FILE)
-  with open(path, "w") as f:
-    f.write("\n".join(lines).rstrip("\n") + "\n")
+  _write_if_changed(path, ("\n".join(lines).rstrip("\n") + "\n").encode())
   return path
