@@ -16,6 +16,7 @@ import pytest
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow
 NOTEBOOK = ROOT / "notebooks" / "autospace_colab.ipynb"
 KERNEL = "autospace-notebook-test"
 

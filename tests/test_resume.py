@@ -17,6 +17,7 @@ import pytest
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow
 TESTS = Path(__file__).resolve().parent
 CONFIG_TEMPLATE = """
 import sys

@@ -1,0 +1,67 @@
+"""The ImageNet config drives every stage through the real TFDS pipeline (mock data)."""
+
+import importlib.util
+import json
+
+import pytest
+
+from autospace_jax import config_validation
+from autospace_jax import input_pipeline
+from autospace_jax import main
+from autospace_jax import netspec
+from conftest import ROOT
+
+
+pytestmark = pytest.mark.slow
+
+def imagenet_config():
+  spec = importlib.util.spec_from_file_location("imagenet", ROOT / "configs" / "imagenet.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def test_imagenet_config_runs_each_stage_for_a_few_steps_on_mock_imagenet(tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  config = imagenet_config()
+  # Reduced sizes; the data set, its 1000 classes and the TFDS code are the real ones.
+  config.data.image_size = 32
+  config.data.shuffle_buffer = 16
+  config.model.width_multiplier = 0.25
+  config.model.layers_per_stage = (1, 1, 1, 1, 1, 1)
+  config.space.population_size = 12
+  config.space.num_cells = 3
+  config.space.mutation_interval = 2
+  config.space.team_sizes = (3, 4, 5, 6)
+  config.search.target_fractions = (0.8,)
+  config.search.targets = ()
+  config.train.dtype = "bfloat16"
+  for section in ("space", "search", "train"):
+    config[section].batch_size = 8
+  config.checkpoint.every_steps = 2
+  workdir = str(tmp_path)
+  with tfds.testing.mock_data(num_examples=64):
+    steps = {split: input_pipeline.steps_per_epoch(config.data, split, 8)
+             for split in ("search_train", "train")}
+    config.space.warmup_epochs = 2 / steps["search_train"]
+    config.space.evolution_epochs = 4 / steps["search_train"]
+    config.space.reference_stop_epoch = 1
+    config.search.warmup_epochs = 1 / steps["search_train"]
+    config.search.epochs = 2 / steps["search_train"]
+    config.train.warmup_epochs = 1 / steps["train"]
+    config.train.epochs = 3 / steps["train"]
+    config_validation.validate(config, workdir)
+    summary = main.run_pipeline(config, workdir)
+
+  space = netspec.load_space(tmp_path / "space" / "learned_space.config")
+  assert [len(cells) for cells in space] == [3] * 6
+  results = sorted((tmp_path / "search").glob("*/result.json"))
+  assert {json.loads(r.read_text())["space"] for r in results} == {"learned", "irb"}
+  for result in results:
+    net = netspec.load_net(result.parent / "net.json")
+    assert net.num_classes == 1000
+    metrics = json.loads((tmp_path / "train" / result.parent.name / "metrics.json")
+                         .read_text())
+    assert metrics["steps"] == 3 and 0.0 <= metrics["top1"] <= metrics["top5"] <= 1.0
+  assert summary["data"] == "imagenet2012"
+  assert (tmp_path / "report.md").exists()
