@@ -39,4 +39,13 @@ class DataParallel:
             for k, v in local_batch.items()}
 
   def replicate(self, tree: Any) -> Any:
-    return jax.device_put(tree, self.replicated)
+    """Every leaf on every device. A jax.Array not yet replicated goes through host memory:
+    `device_put` of an array on one local device onto a mesh that spans other processes
+    gives an array whose shards cannot be read (Orbax then fails to save it)."""
+    def put(x):
+      if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+        if x.sharding == self.replicated:
+          return x
+        x = np.asarray(x)
+      return jax.device_put(x, self.replicated)
+    return jax.tree.map(put, tree)

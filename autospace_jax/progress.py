@@ -19,7 +19,8 @@ class Bar:
 
   def update(self, step: int, metrics: Mapping[str, float] | None = None) -> None:
     self._bar.update(step - self._bar.n)
-    if metrics and self._bar.last_print_n == self._bar.n:
+    # A disabled bar (processes other than 0) has no `last_print_n`.
+    if metrics and not self._bar.disable and self._bar.last_print_n == self._bar.n:
       self._bar.set_postfix({k: f"{float(v):.3f}" for k, v in metrics.items()},
                             refresh=False)
 
