@@ -123,9 +123,16 @@ class Project(BNConfig):
 ApplyOp = Callable[..., Array]
 
 
+def add_all(*inputs: Array) -> Array:
+  """A node's sum of its incoming edges."""
+  return sum(inputs[1:], inputs[0])
+
+
 def cell_dataflow(genome: genome_lib.Genome, x: Array, out_channels: int, stride: int,
-                  se: bool, apply_op: ApplyOp) -> Array:
-  """SPEC §4 cell semantics; ``apply_op`` runs each parameterised op by its name."""
+                  se: bool, apply_op: ApplyOp, add: Callable[..., Array] = add_all) -> Array:
+  """SPEC §4 cell semantics; ``apply_op`` runs each parameterised op by its name, ``add``
+  sums a node's inputs (the supernet passes a jitted one: eager adds under autodiff cost
+  milliseconds each)."""
   c_mid = genome.expansion * x.shape[-1]
   nodes = {0: apply_op("expand", Expand, {"features": c_mid}, x) if genome.expansion > 1
            else x}
@@ -141,7 +148,7 @@ def cell_dataflow(genome: genome_lib.Genome, x: Array, out_channels: int, stride
     if genome.uses_attention(node):
       nodes[node] = apply_op(f"attention_{node}", ChannelAttention, {}, *inputs)
     else:
-      nodes[node] = sum(inputs[1:], inputs[0])
+      nodes[node] = add(*inputs) if len(inputs) > 1 else inputs[0]
   hidden = nodes[3]
   if se:
     hidden = apply_op("se", SqueezeExcite, {}, hidden)

@@ -21,6 +21,8 @@ EDGES: tuple[tuple[int, int], ...] = ((0, 1), (0, 2), (1, 2), (0, 3), (1, 3), (2
 CHAIN_EDGES = ((0, 1), (1, 2), (2, 3))
 UNUSED_EDGE = (0, 3)  # outside every mutation window; always `none`.
 MUTABLE_EDGES = tuple(e for e in EDGES if e != UNUSED_EDGE)
+EDGE_SLOT = {edge: slot for slot, edge in enumerate(EDGES)}
+MUTABLE_SLOTS = tuple(EDGE_SLOT[e] for e in MUTABLE_EDGES)
 
 UNUSED, NONE, IDENTITY = 0, 1, 2
 CONV_CODES = (3, 5, 7, 9)
@@ -55,7 +57,7 @@ class Genome:
     return EXPANSION_RATIOS[self.expansion_index]
 
   def edge(self, source: int, target: int) -> int:
-    return self.edges[EDGES.index((source, target))]
+    return self.edges[EDGE_SLOT[source, target]]
 
   def in_edges(self, node: int) -> list[tuple[int, int]]:
     """Active (source, code) pairs feeding ``node``, in source order."""
@@ -165,9 +167,9 @@ def matrix_to_string(matrix: list[list[Any]]) -> str:
 
 def hamming_distance(a: Genome, b: Genome) -> int:
   """r_H over the 5 mutable edges, the expansion gene and both mix genes (SPEC §6)."""
-  edges = sum(a.edge(*e) != b.edge(*e) for e in MUTABLE_EDGES)
-  return edges + (a.expansion_index != b.expansion_index) + sum(
-      x != y for x, y in zip(a.mix, b.mix))
+  x, y = a.edges, b.edges
+  return (sum(x[s] != y[s] for s in MUTABLE_SLOTS) + (a.expansion_index != b.expansion_index)
+          + (a.mix[0] != b.mix[0]) + (a.mix[1] != b.mix[1]))
 
 
 def all_genomes(codes: Sequence[int] = EVOLUTION_CODES) -> Iterator[Genome]:
@@ -206,5 +208,5 @@ def mutate_locally(genome: Genome, rng: np.random.Generator, window: int = 3,
   current = genome.edge(*slot)
   allowed = [c for c in codes if c != current and not (slot in CHAIN_EDGES and c == NONE)]
   edges = list(genome.edges)
-  edges[EDGES.index(slot)] = int(rng.choice(allowed))
+  edges[EDGE_SLOT[slot]] = int(rng.choice(allowed))
   return dataclasses.replace(genome, edges=tuple(edges))

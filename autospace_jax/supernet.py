@@ -249,7 +249,30 @@ def _cell_forward(shape: LayerShape, op: Op, x: jax.Array, params: dict, stats: 
       run.used.add(("layers", layer, entry))
     return out
 
-  return cells.cell_dataflow(op, x, shape.out_channels, shape.stride, False, apply_op)
+  return cells.cell_dataflow(op, x, shape.out_channels, shape.stride, False, apply_op,
+                             _jitted_add)
+
+
+# Host-chained glue: each is one cached program call, where the same jnp expressions run
+# eagerly under autodiff would dispatch (and linearize) every primitive separately.
+_jitted_add = jax.jit(cells.add_all)
+
+
+@functools.partial(jax.jit, static_argnames="estimator")
+def _gate(y: jax.Array, alpha: jax.Array, mask: jax.Array | None, layer: int, choice: int,
+          others: tuple[jax.Array, ...], estimator: str) -> jax.Array:
+  """Layer ``layer``'s output with α's path into it; the value stays ``y``.
+
+  ``sampled``: y * p_c / stop_gradient(p_c). ``proxyless``: y + sum_j (p_j -
+  stop_gradient(p_j)) o_j over every candidate's output ``others``.
+  """
+  if mask is not None:
+    alpha = jnp.where(mask, alpha, -jnp.inf)
+  p = jax.nn.softmax(alpha[layer])
+  if estimator == "sampled":
+    return y * (p[choice] / jax.lax.stop_gradient(p[choice]))
+  gates = p - jax.lax.stop_gradient(p)
+  return y + sum(gates[j] * jax.lax.stop_gradient(o) for j, o in enumerate(others))
 
 
 def forward_path(spec: SupernetSpec, params: dict, batch_stats: dict, alpha: jax.Array | None,
@@ -272,28 +295,23 @@ def forward_path(spec: SupernetSpec, params: dict, batch_stats: dict, alpha: jax
     run.batch_stats[(name,)] = new_stats
     return out
 
+  if estimator not in ("sampled", "proxyless"):
+    raise ValueError(f"estimator must be 'sampled' or 'proxyless', got {estimator!r}")
+  mask = None if alpha_mask is None else jnp.asarray(alpha_mask)
   x = run_fixed("first_block", run_fixed("stem", images))
-  if alpha is not None and alpha_mask is not None:
-    alpha = jnp.where(alpha_mask, alpha, -jnp.inf)
-  probs = None if alpha is None else jax.nn.softmax(alpha, axis=-1)
   for i, (shape, ops_i, choice) in enumerate(zip(spec.layers, candidates, path)):
     name = layer_name(i)
     lp, ls = params["layers"][name], batch_stats["layers"][name]
     y = _cell_forward(shape, ops_i[choice], x, lp, ls, spec, name, run)
-    if probs is not None:
-      p = probs[i]
-      if estimator == "sampled":
-        y = y * (p[choice] / jax.lax.stop_gradient(p[choice]))
-      elif estimator == "proxyless":
-        others = [y if j == choice else
-                  jax.lax.stop_gradient(_cell_forward(shape, op, jax.lax.stop_gradient(x),
-                                                      lp, ls, spec, name, None))
-                  for j, op in enumerate(ops_i)]
-        gates = p - jax.lax.stop_gradient(p)
-        y = y + sum(g * jax.lax.stop_gradient(o) for g, o in zip(gates, others))
-      else:
-        raise ValueError(f"estimator must be 'sampled' or 'proxyless', got {estimator!r}")
-    x = x + y if shape.has_shortcut else y
+    if alpha is not None:
+      others = ()
+      if estimator == "proxyless":
+        others = tuple(y if j == choice else
+                       _cell_forward(shape, op, jax.lax.stop_gradient(x), lp, ls, spec, name,
+                                     None)
+                       for j, op in enumerate(ops_i))
+      y = _gate(y, alpha, mask, i, choice, others, estimator)
+    x = _jitted_add(x, y) if shape.has_shortcut else y
   return run_fixed("head", x)
 
 
@@ -314,12 +332,14 @@ def sample_path(probabilities: np.ndarray, rng: np.random.Generator) -> list[int
 # --- Losses and optimizers ----------------------------------------------------------------
 
 
+@functools.partial(jax.jit, static_argnames="label_smoothing")
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
   """Mean label-smoothed cross-entropy."""
   targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
   return optax.softmax_cross_entropy(logits, targets).mean()
 
 
+@jax.jit
 def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return jnp.mean(jnp.argmax(logits, -1) == labels)
 
