@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -70,7 +71,9 @@ class MetricWriter:
 
 
 def _tag(stage: str, name: str) -> str:
-  return f'{stage}/{name}' if stage else name
+  """`stage/name` in TensorBoard's tag alphabet (stage names like 'train irb_0.32M' hold
+  spaces, which it would replace itself with a warning per tag)."""
+  return re.sub(r'[^A-Za-z0-9_.\-/]', '_', f'{stage}/{name}' if stage else name)
 
 
 def read_jsonl(path: str) -> list[dict]:

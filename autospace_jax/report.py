@@ -67,8 +67,9 @@ def _load_runs(workdir: str, stage: str, filename: str) -> dict[str, dict]:
 # --- Formatting -----------------------------------------------------------------------
 
 
-def _mega(value: float, digits: int = 1) -> str:
-  return f"{value / 1e6:.{digits}f}M"
+def _mega(value: float) -> str:
+  """Millions to three significant digits: 340M, 4.82M, 0.737M."""
+  return f"{value / 1e6:.3g}M"
 
 
 def _percent(fraction: float) -> str:
@@ -279,7 +280,7 @@ def plot_learned_cells(space: dict, path: str) -> None:
       cell = row[rank]
       g = genome_lib.from_matrix(cell["matrix"])
       draw_cell(ax, g, f"#{rank + 1} {_cell_title(g)}\nα_c {cell['compensated_alpha']:.3f}, "
-                f"{_mega(cell['madds'], 2)} MAdds")
+                f"{_mega(cell['madds'])} MAdds")
     shape = layers[layer]
     axes[layer][0].text(-0.12, 0.5, f"layer {layer}\n{shape['in_channels']}→"
                         f"{shape['out_channels']} s{shape['stride']}", ha="right",
@@ -292,7 +293,7 @@ def plot_final_net(name: str, result: dict, path: str) -> None:
   matrices = result["matrices"]
   rows, cols = _grid(len(matrices), 6)
   fig, axes = _cell_grid(rows, cols, 0.1, f"Final net {name}: {_mega(result['madds'])} "
-                         f"MAdds, {_mega(result['params'], 2)} params")
+                         f"MAdds, {_mega(result['params'])} params")
   for index, ax in enumerate(axes.flat):
     if index >= len(matrices):
       ax.set_visible(False)
@@ -324,7 +325,7 @@ def plot_accuracy_vs_madds(points: Sequence[dict], path: str) -> None:
     ax.plot(x, y, marker="o", linewidth=1.5, color=SPACE_COLORS.get(space),
             label=f"{space} space")
     for p, xi, yi in zip(curve, x, y):
-      ax.annotate(f"target {_mega(p['target'], 0)}", (xi, yi), textcoords="offset points",
+      ax.annotate(f"target {_mega(p['target'])}", (xi, yi), textcoords="offset points",
                   xytext=(4, 5), fontsize=7)
   ax.set_xlabel("MAdds of the trained net (millions)")
   ax.set_ylabel("top-1 accuracy (%)")
@@ -444,7 +445,7 @@ def _space_section(workdir: str, figures: str) -> list[str]:
             "steps the α updates the cell received.", ""]
   lines += _table(["layer", "rank", "cell", "α", "α_c", "α steps", "MAdds"],
                   [(layer, rank + 1, f"`{c['description']}`", f"{c['alpha']:.4f}",
-                    f"{c['compensated_alpha']:.4f}", c["alpha_steps"], _mega(c["madds"], 2))
+                    f"{c['compensated_alpha']:.4f}", c["alpha_steps"], _mega(c["madds"]))
                    for layer, row in enumerate(cells) for rank, c in enumerate(row)])
   plot_learned_cells(space, os.path.join(figures, "learned_cells.png"))
   lines += ["![learned cells](figures/learned_cells.png)", ""]
@@ -467,7 +468,7 @@ def _search_section(results: dict[str, dict]) -> list[str]:
   return lines + _table(
       ["run", "space", "target", "MAdds", "error %", "params", "Zero layers"],
       [(name, r["space"], _mega(r["target_madds"]), _mega(r["madds"]),
-        f"{100 * r['madds_error']:+.1f}", _mega(r["params"], 2),
+        f"{100 * r['madds_error']:+.1f}", _mega(r["params"]),
         f"{r['cells'].count('zero')} / {len(r['cells'])}") for name, r in order])
 
 
@@ -491,7 +492,7 @@ def _train_section(metrics: dict[str, dict], results: dict[str, dict], figures: 
     lines += _table(["run", "space", "target", "top-1 %", "top-5 %", "params", "MAdds",
                      "epochs", "SE"],
                     [(p["name"], p["space"], _mega(p["target"]) if p["target"] else "—",
-                      _percent(p["top1"]), _percent(p["top5"]), _mega(p["params"], 2),
+                      _percent(p["top1"]), _percent(p["top5"]), _mega(p["params"]),
                       _mega(p["madds"]), p["epochs"], "yes" if p["se"] else "no")
                      for p in points])
   else:
@@ -527,7 +528,7 @@ def _final_section(final: str | None, inferred: bool, results: dict[str, dict],
   if final in metrics:
     m = metrics[final]
     lines += [f"Top-1 {_percent(m['top1'])}%, top-5 {_percent(m['top5'])}%, "
-              f"{_mega(m['params'], 2)} params, {_mega(m['madds'])} MAdds after "
+              f"{_mega(m['params'])} params, {_mega(m['madds'])} MAdds after "
               f"{m['epochs']} epochs ({m['dtype']}, SE {'on' if m['se'] else 'off'}).", ""]
   if final not in results:
     return lines + [f"_No search result for `{final}` (`search/{final}/{RESULT_FILE}`), so "

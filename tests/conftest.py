@@ -17,6 +17,13 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 from autospace_jax import presets  # noqa: E402
 
 
+def reference_file(name: str) -> Path:
+  """A reference file: the copy in tests/data, else the shared checkout beside the repo."""
+  local = DATA / name
+  return local if local.exists() else (
+      Path(__file__).resolve().parents[1].parent / "shared" / "reference" / name)
+
+
 def tiny_config(**stage_overrides):
   """The default config shrunk to a 6-layer, 16-pixel net and a handful of steps."""
   config = presets.default()

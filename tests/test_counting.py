@@ -3,7 +3,6 @@
 import dataclasses
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -12,14 +11,7 @@ from autospace_jax import genome as genome_lib
 from autospace_jax import netspec
 from autospace_jax.counting import Cost
 from autospace_jax.genome import Genome
-from conftest import DATA, ROOT
-
-
-def reference_file(name: str) -> Path:
-  """A reference file: the copy in tests/data, else the shared checkout beside the repo."""
-  local = DATA / name
-  return local if local.exists() else (
-      Path(__file__).resolve().parents[1].parent / "shared" / "reference" / name)
+from conftest import ROOT, reference_file
 
 
 NET_340M = reference_file("autospace_net_340M.config")

@@ -1,7 +1,6 @@
 """Genome: official matrix round-trips, validity rules, distance, IRB shape, local mutation."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,14 +9,7 @@ from hypothesis import strategies as st
 
 from autospace_jax import genome as genome_lib
 from autospace_jax.genome import Genome, GenomeError
-from conftest import DATA
-
-
-def reference_file(name: str) -> Path:
-  """A reference file: the copy in tests/data, else the shared checkout beside the repo."""
-  local = DATA / name
-  return local if local.exists() else (
-      Path(__file__).resolve().parents[1].parent / "shared" / "reference" / name)
+from conftest import reference_file
 
 
 SPACE_MATRICES = [m for layer in json.loads(

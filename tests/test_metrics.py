@@ -41,6 +41,16 @@ def test_scalars_reach_tensorboard_and_jsonl(tmp_path):
       {'step': 10, 'stage': '', 'lr': 0.1}]
 
 
+def test_stage_names_with_spaces_become_valid_tensorboard_tags(tmp_path):
+  writer = metrics.MetricWriter(str(tmp_path), enabled=True)
+  writer.write_scalars(1, {'loss': 1.0}, stage='train irb_0.32M')
+  writer.close()
+  assert _events(tmp_path / metrics.TENSORBOARD_DIR).Tags()['scalars'] == [
+      'train_irb_0.32M/loss']
+  assert metrics.read_jsonl(str(tmp_path / metrics.JSONL_FILE))[0]['stage'] == (
+      'train irb_0.32M')
+
+
 def test_resumed_run_appends_to_jsonl(tmp_path):
   for step in (1, 2):
     writer = metrics.MetricWriter(str(tmp_path), enabled=True)

@@ -3,21 +3,13 @@
 import copy
 import json
 import re
-from pathlib import Path
 
 import pytest
 
 from autospace_jax import genome as genome_lib
 from autospace_jax import netspec
 from autospace_jax.netspec import LayerSpec, NetFormatError
-from conftest import DATA
-
-
-def reference_file(name: str) -> Path:
-  """A reference file: the copy in tests/data, else the shared checkout beside the repo."""
-  local = DATA / name
-  return local if local.exists() else (
-      Path(__file__).resolve().parents[1].parent / "shared" / "reference" / name)
+from conftest import reference_file
 
 
 NET_340M = reference_file("autospace_net_340M.config")

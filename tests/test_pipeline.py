@@ -36,12 +36,14 @@ def test_imagenet_config_runs_each_stage_for_a_few_steps_on_mock_imagenet(tmp_pa
   config.search.target_fractions = (0.8,)
   config.search.targets = ()
   config.train.dtype = "bfloat16"
+  # Batch 32 at 32 pixels, like conftest.tiny_config: most compiled programs come from
+  # the suite's shared XLA cache.
   for section in ("space", "search", "train"):
-    config[section].batch_size = 8
+    config[section].batch_size = 32
   config.checkpoint.every_steps = 2
   workdir = str(tmp_path)
-  with tfds.testing.mock_data(num_examples=64):
-    steps = {split: input_pipeline.steps_per_epoch(config.data, split, 8)
+  with tfds.testing.mock_data(num_examples=128):
+    steps = {split: input_pipeline.steps_per_epoch(config.data, split, 32)
              for split in ("search_train", "train")}
     config.space.warmup_epochs = 2 / steps["search_train"]
     config.space.evolution_epochs = 4 / steps["search_train"]

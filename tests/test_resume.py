@@ -92,11 +92,10 @@ def search_result(workdir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-  """One uninterrupted space + search run: the reference for every resumed run."""
+  """One uninterrupted run of every stage: the reference for every resumed run."""
   tmp = tmp_path_factory.mktemp("uninterrupted")
   config = write_config(tmp)
-  run(command(config, tmp / "run", "--config.stages=space,search",
-              "--config.search.compare_irb=False"))
+  run(command(config, tmp / "run", "--config.search.compare_irb=False"))
   return config, tmp / "run"
 
 
@@ -119,7 +118,7 @@ def test_sigkill_during_evolution_then_restart_gives_the_same_learned_space(
   np.testing.assert_allclose(alpha, ref_alpha, atol=1e-6, rtol=0)
 
 
-def test_sigkill_during_architecture_search_then_restart_gives_the_same_net(
+def test_sigterm_then_sigkill_during_architecture_search_then_restart_gives_the_same_net(
     uninterrupted, tmp_path):
   config, reference = uninterrupted
   space = reference / "space" / "learned_space.config"
@@ -129,30 +128,27 @@ def test_sigkill_during_architecture_search_then_restart_gives_the_same_net(
   reference_result = search_result(reference)
   checkpoints = workdir / "search" / reference_result_dir(reference) / "checkpoints"
   total = reference_result["steps"]
-  kill_after = int(np.random.default_rng().integers(2, total - 6))
-  process = start_and_signal(cmd, checkpoints, kill_after, signal.SIGKILL)
-  process.communicate(timeout=60)
-  assert process.returncode == -signal.SIGKILL
-  assert not (checkpoints.parent / "result.json").exists(), "killed too late"
-  run(cmd)
-  result = search_result(workdir)
-  assert result["choice"] == reference_result["choice"]
-  np.testing.assert_allclose(result["alpha"], reference_result["alpha"], atol=1e-6, rtol=0)
 
-
-def test_sigterm_saves_a_checkpoint_exits_zero_and_the_rerun_completes(tmp_path):
-  config = write_config(tmp_path)
-  workdir = tmp_path / "run"
-  cmd = command(config, workdir, "--config.stages=space")
-  process = start_and_signal(cmd, workdir / "space" / "checkpoints", 2, signal.SIGTERM)
+  # SIGTERM (a preemption notice): checkpoint, message, exit 0.
+  process = start_and_signal(cmd, checkpoints, 2, signal.SIGTERM)
   out, err = process.communicate(timeout=120)
   assert process.returncode == 0, err[-3000:]
   assert "preempted: checkpoint saved at step" in out
   assert "rerun the same command to resume" in out
-  saved = checkpoint_steps(workdir / "space" / "checkpoints")
-  assert saved and not (workdir / "space" / "learned_space.json").exists()
+  assert checkpoint_steps(checkpoints) and not (checkpoints.parent / "result.json").exists()
+
+  # SIGKILL of the resumed run, at a random later step: nothing checkpointed is lost.
+  kill_after = int(np.random.default_rng().integers(max(checkpoint_steps(checkpoints)) + 1,
+                                                    total - 3))
+  process = start_and_signal(cmd, checkpoints, kill_after, signal.SIGKILL)
+  process.communicate(timeout=60)
+  assert process.returncode == -signal.SIGKILL
+  assert not (checkpoints.parent / "result.json").exists(), "killed too late"
+
   run(cmd)
-  assert (workdir / "space" / "learned_space.config").exists()
+  result = search_result(workdir)
+  assert result["choice"] == reference_result["choice"], f"killed after step {kill_after}"
+  np.testing.assert_allclose(result["alpha"], reference_result["alpha"], atol=1e-6, rtol=0)
 
 
 def digest(workdir: Path) -> dict[str, tuple[str, int]]:
@@ -162,14 +158,11 @@ def digest(workdir: Path) -> dict[str, tuple[str, int]]:
           for p in sorted(workdir.rglob("*")) if p.is_file()}
 
 
-def test_rerunning_a_finished_pipeline_changes_no_output(tmp_path):
-  config = write_config(tmp_path, warmup=0.05, main=0.1)
-  workdir = tmp_path / "run"
-  cmd = command(config, workdir, "--config.search.compare_irb=False")
-  run(cmd)
+def test_rerunning_a_finished_pipeline_changes_no_output(uninterrupted):
+  config, workdir = uninterrupted  # the finished reference run, rerun in place
   before = digest(workdir)
   assert "report.md" in before
-  second = run(cmd)
+  second = run(command(config, workdir, "--config.search.compare_irb=False"))
   after = digest(workdir)
   changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
   assert changed == [], changed

@@ -1,0 +1,139 @@
+"""Stage 2: derived nets meet their MAdds targets, the arch loss is the SPEC's, and the
+official 11-layer space file drives the 21-layer skeleton."""
+
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from autospace_jax import arch_search
+from autospace_jax import counting
+from autospace_jax import genome as genome_lib
+from autospace_jax import netspec
+from autospace_jax import presets
+from conftest import reference_file
+
+
+def irb_search(tmp_path, target: int, config=None) -> arch_search.ArchSearch:
+  config = config or presets.default()
+  layers = sum(config.model.layers_per_stage)
+  return arch_search.ArchSearch(config, str(tmp_path), arch_search.irb_space(layers), "irb",
+                                arch_search.Target(target))
+
+
+def net_madds(search: arch_search.ArchSearch, choice: list[int]) -> float:
+  return search.fixed_madds + sum(search.candidate_madds[i, c] for i, c in enumerate(choice))
+
+
+def reference_choice(search: arch_search.ArchSearch) -> list[int]:
+  """IRB k3 e6 in every layer: the net that target fractions are fractions of."""
+  return [ops.index(genome_lib.REFERENCE) for ops in search.candidates]
+
+
+@pytest.mark.parametrize("fraction", presets.default().search.target_fractions)
+def test_derived_net_lands_within_ten_percent_of_each_default_target(tmp_path, fraction):
+  probe = irb_search(tmp_path, 1)
+  target = int(round(fraction * net_madds(probe, reference_choice(probe))))
+  search = irb_search(tmp_path, target)
+  rng = np.random.default_rng(0)
+  for _ in range(20):  # whatever α the search ends with
+    alpha = rng.normal(scale=3.0, size=search.mask.shape)
+    choice = arch_search.derive(alpha, search.mask, search.candidate_madds,
+                                search.fixed_madds, target)
+    assert all(search.mask[i, c] for i, c in enumerate(choice))
+    assert abs(net_madds(search, choice) / target - 1) <= arch_search.MADDS_TOLERANCE
+  os.makedirs(search.workdir)
+  result = search.write_outputs(alpha)
+  assert abs(result["madds_error"]) <= arch_search.MADDS_TOLERANCE
+  net = netspec.load_net(os.path.join(search.workdir, arch_search.NET_FILE))
+  assert counting.net_cost(net).madds == result["madds"]  # the file is the reported net
+
+
+def test_derive_keeps_the_argmax_when_it_already_meets_the_target(tmp_path):
+  search = irb_search(tmp_path, 1)
+  choice = reference_choice(search)
+  alpha = np.zeros(search.mask.shape)
+  alpha[np.arange(len(choice)), choice] = 5.0
+  target = int(net_madds(search, choice))
+  assert arch_search.derive(alpha, search.mask, search.candidate_madds, search.fixed_madds,
+                            target) == choice
+
+
+def test_unreachable_target_is_reported_with_the_space_range(tmp_path, caplog):
+  search = irb_search(tmp_path, 1000)
+  low, high = search.madds_range()
+  assert low < high
+  with caplog.at_level(logging.WARNING):
+    search.warn_if_unreachable()
+  assert f"{low:,} to {high:,}" in caplog.text
+  caplog.clear()
+  irb_search(tmp_path, (low + high) // 2).warn_if_unreachable()
+  assert caplog.text == ""
+
+
+def test_arch_loss_is_cross_entropy_times_the_expected_madds_penalty():
+  rng = np.random.default_rng(1)
+  alpha = jnp.asarray(rng.normal(size=(4, 3)))
+  mask = jnp.asarray([[True, True, True]] * 3 + [[True, True, False]])
+  madds = jnp.asarray(rng.uniform(1e5, 1e6, size=(4, 3)))
+  fixed, log_target, beta = 2e6, float(np.log(3e6)), 0.6
+
+  probs = np.where(mask, np.exp(alpha), 0.0)
+  probs /= probs.sum(-1, keepdims=True)
+  expected = fixed + float(np.sum(probs * madds))
+  penalty = arch_search.expected_madds_penalty(alpha, mask, madds, fixed, log_target, beta)
+  np.testing.assert_allclose(penalty, (np.log(expected) / log_target) ** beta, rtol=1e-6)
+
+  def cross_entropy(a):  # any differentiable stand-in for the supernet's CE(α)
+    return jnp.sum(jnp.sin(a) * jnp.where(mask, 1.0, 0.0)) + 3.0
+
+  def arch_loss(a):
+    return cross_entropy(a) * arch_search.expected_madds_penalty(a, mask, madds, fixed,
+                                                                 log_target, beta)
+
+  got = arch_search.arch_gradient(alpha, cross_entropy(alpha), jax.grad(cross_entropy)(alpha),
+                                  mask, madds, fixed, log_target, beta)
+  np.testing.assert_allclose(got, jax.grad(arch_loss)(alpha), rtol=1e-5, atol=1e-9)
+
+
+def test_penalty_pushes_alpha_toward_cheaper_cells_above_the_target():
+  madds = jnp.asarray([[1e5, 9e5]])
+  mask = jnp.asarray([[True, True]])
+  grad = jax.grad(arch_search.expected_madds_penalty)(
+      jnp.zeros((1, 2)), mask, madds, 1e6, float(np.log(1e6)), 0.6)
+  assert grad[0, 1] > 0 > grad[0, 0]  # gradient descent lowers α of the expensive cell
+
+
+def test_official_eleven_layer_space_file_fills_the_21_layer_skeleton():
+  space = netspec.load_space(reference_file("autospace_search_space.config"))
+  assert [len(cells) for cells in space] == [9] * 11
+  lps = presets.imagenet().model.layers_per_stage
+  expanded = arch_search.expand_space(space, lps)
+  assert len(expanded) == 21
+  # Groups in order: stage 0 first, stage 0 rest, stage 1 first, ... stage 5 first.
+  starts = np.cumsum([0, *lps[:-1]])
+  group = 0
+  for stage, (start, count) in enumerate(zip(starts, lps)):
+    assert expanded[start] == space[group]
+    group += 1
+    if count > 1:
+      assert all(expanded[start + j] == space[group] for j in range(1, count))
+      group += 1
+  candidates = arch_search.candidates_for(expanded, lps)
+  firsts = arch_search.stage_first_layers(lps)
+  assert all((netspec.ZERO in c) != first for c, first in zip(candidates, firsts))
+
+
+def test_space_file_with_the_wrong_number_of_layers_names_the_skeleton_field():
+  space = [[genome_lib.REFERENCE]] * 5
+  with pytest.raises(ValueError, match=r"model.layers_per_stage=\(4, 4, 4, 4, 4, 1\)"):
+    arch_search.expand_space(space, (4, 4, 4, 4, 4, 1))
+
+
+def test_irb_baseline_space_is_the_six_inverted_residual_blocks():
+  space = arch_search.irb_space(3)
+  assert len(space) == 3
+  assert set(space[0]) == {genome_lib.irb(k, e) for k in (3, 5, 7) for e in (3, 6)}
