@@ -231,16 +231,8 @@ class ArchSearch:
     self.warn_if_unreachable()
     ckpt = checkpointing.Checkpointer(os.path.join(self.workdir, "checkpoints"),
                                       self.config.checkpoint.max_to_keep)
-    template = jax.eval_shape(lambda: self._init_state())
-    restored = ckpt.restore_latest(lambda meta: jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.parallel.replicated),
-        template))
-    if restored is None:
-      state, step = self._init_state(), 0
-    else:
-      step, state, _ = restored
-      state = self.trainer.place(state)
-      logging.info("search %s: resuming from step %d", self.workdir, step)
+    step, state, _ = ckpt.restore_or_init(self._init_state, self.parallel,
+                                          f"search {self.workdir}")
     data = input_pipeline.make_iterator(
         self.config.data, "search_train", self.cfg.batch_size, seed=self.config.seed,
         start_step=step, process_index=jax.process_index(), process_count=jax.process_count())

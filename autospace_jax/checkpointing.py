@@ -23,12 +23,15 @@ import logging
 import signal
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+
+if TYPE_CHECKING:
+  from autospace_jax.parallel import DataParallel
 
 ARRAYS = 'arrays'
 META = 'meta'
@@ -128,6 +131,22 @@ class Checkpointer:
           f'error was {type(error).__name__}: {error}. Fix the cause, or move the directory '
           'away to start afresh.') from error
     return None
+
+  def restore_or_init(self, init: Callable[[], Any], parallel: DataParallel, name: str
+                      ) -> tuple[int, Any, dict | None]:
+    """(step, state, meta) of the newest checkpoint, restored replicated over the mesh
+    into the structure `init` builds; `(0, init(), None)` when there is none yet."""
+    if not self._manager.all_steps():
+      return 0, init(), None
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated),
+        jax.eval_shape(init))
+    restored = self.restore_latest(lambda meta: abstract)
+    if restored is None:
+      return 0, init(), None
+    step, state, meta = restored
+    logging.info('%s: resuming from step %d', name, step)
+    return step, parallel.replicate(state), meta
 
 
 _preemption = threading.Event()

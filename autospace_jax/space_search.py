@@ -225,20 +225,9 @@ class SpaceSearch:
     ckpt.save(run.step, state, run.to_json(), force=force)
 
   def _restore_or_init(self, ckpt):
-    def abstract(meta):
-      del meta
-      return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                         sharding=self.parallel.replicated),
-                          template)
-    template = jax.eval_shape(lambda: self.trainer.init(0,
-                                                        self.cfg.num_cells))
-    restored = ckpt.restore_latest(abstract)
-    if restored is None:
-      state = self.trainer.init(self.config.seed, self.cfg.num_cells)
-      return state, self.initial_run()
-    step, state, meta = restored
-    logging.info("space: resuming from step %d", step)
-    return self.trainer.place(state), SpaceRun.from_json(meta)
+    _, state, meta = ckpt.restore_or_init(
+        lambda: self.trainer.init(self.config.seed, self.cfg.num_cells), self.parallel, "space")
+    return state, (self.initial_run() if meta is None else SpaceRun.from_json(meta))
 
   def write_outputs(self, run: SpaceRun) -> dict:
     """Top-K per layer in the official format, plus the per-cell record."""

@@ -10,7 +10,8 @@ small jitted function (one per op kind and shape, compiled once and reused by ev
 genome), and `jax.value_and_grad` differentiates through that chain. Exactly the sampled
 cells execute, nothing recompiles when the cells change, and per-op weights come from a
 per-layer bank keyed by (op name, expansion) so the parameter tree never changes shape.
-The one jitted update masks weights and optimizer state of ops that did not run.
+Only the bank entries that ran are updated, so weights and optimizer state of ops that
+did not run cannot move.
 """
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import os
 from typing import Any
 
@@ -115,16 +114,7 @@ class Trainer:
     os.makedirs(self.workdir, exist_ok=True)
     ckpt = checkpointing.Checkpointer(os.path.join(self.workdir, "checkpoints"),
                                       self.config.checkpoint.max_to_keep)
-    template = jax.eval_shape(self.init_state)
-    restored = ckpt.restore_latest(lambda meta: jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.parallel.replicated),
-        template))
-    if restored is None:
-      state, step = self.init_state(), 0
-    else:
-      step, state, _ = restored
-      state = self.parallel.replicate(state)
-      logging.info("%s: resuming from step %d", self.tag, step)
+    step, state, _ = ckpt.restore_or_init(self.init_state, self.parallel, self.tag)
     data = input_pipeline.make_iterator(
         self.config.data, "train", self.cfg.batch_size, seed=self.config.seed,
         start_step=step, process_index=jax.process_index(), process_count=jax.process_count())

@@ -53,7 +53,8 @@ def stage1_stall(workdir: str) -> tuple[float, space_search.SpaceSearch, float]:
   config = presets.default()
   config.stages = "space"
   search = space_search.SpaceSearch(config, workdir)
-  rounds = (search.total_steps - search.warmup_steps) // config.space.mutation_interval
+  # Rounds run at every f-th evolving step before the last one.
+  rounds = (search.total_steps - search.warmup_steps - 1) // config.space.mutation_interval
   clock = CompileClock()
   start = time.perf_counter()
   search.run()

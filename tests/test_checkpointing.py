@@ -71,6 +71,21 @@ def test_round_trip_keeps_optax_state_dtypes_and_meta(tmp_path):
   ckpt.close()
 
 
+def test_restore_or_init_starts_fresh_then_resumes_replicated(tmp_path):
+  from autospace_jax.parallel import DataParallel
+  parallel = DataParallel()
+  ckpt = checkpointing.Checkpointer(str(tmp_path), async_save=False)
+  step, state, meta = ckpt.restore_or_init(_state, parallel, 'test')
+  assert (step, meta) == (0, None)
+  _assert_same(state, _state())
+  ckpt.save(7, _state(1), META)
+  step, state, meta = ckpt.restore_or_init(_state, parallel, 'test')
+  assert (step, meta) == (7, META)
+  _assert_same(state, _state(1))
+  assert all(leaf.sharding == parallel.replicated for leaf in jax.tree.leaves(state))
+  ckpt.close()
+
+
 def test_abstract_target_is_built_from_the_restored_meta(tmp_path):
   ckpt = checkpointing.Checkpointer(str(tmp_path), async_save=False)
   ckpt.save(1, {'w': jnp.zeros((2, 5))}, {'width': 5})
