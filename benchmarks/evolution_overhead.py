@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 from autospace_jax import cells  # noqa: E402
 from autospace_jax import evolution  # noqa: E402
 from autospace_jax import input_pipeline  # noqa: E402
+from autospace_jax.main import enable_compilation_cache  # noqa: E402
 from autospace_jax import presets  # noqa: E402
 from autospace_jax import space_search  # noqa: E402
 from autospace_jax import supernet  # noqa: E402
@@ -150,6 +151,9 @@ def main() -> None:
   parser.add_argument("--paths", type=int, default=3)
   args = parser.parse_args()
   workdir = args.workdir or tempfile.mkdtemp(prefix="autospace_bench_")
+  # The persistent XLA cache as `python -m autospace_jax.main` uses it: a first run
+  # measures cold compiles, a second one what a restart or rerun pays.
+  enable_compilation_cache(jax)
   stall, search, _ = stage1_stall(workdir)
   ratio = step_ratio(search, args.paths)
   ms = evolution_round_ms()

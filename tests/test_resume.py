@@ -1,4 +1,5 @@
-"""Runs survive: SIGKILL and SIGTERM lose nothing, and finished work is never redone.
+"""Runs survive: SIGKILL and SIGTERM lose nothing, finished work is never redone, and a
+stage runs alone on the files another run left.
 
 Each test drives the real command line (`python -m autospace_jax.main`) in a subprocess
 on a tiny digits config written to a config file.
@@ -167,3 +168,14 @@ def test_rerunning_a_finished_pipeline_changes_no_output(uninterrupted):
   changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
   assert changed == [], changed
   assert "report:" in second.stdout
+
+
+def test_train_stage_alone_trains_a_given_net_file(uninterrupted, tmp_path):
+  config, reference = uninterrupted
+  [net] = (reference / "search").glob("*/net.json")
+  workdir = tmp_path / "run"
+  result = run(command(config, workdir, "--config.stages=train", f"--config.train.net={net}"))
+  metrics = json.loads((workdir / "train" / "net" / "metrics.json").read_text())
+  assert 0.0 <= metrics["top1"] <= metrics["top5"] <= 1.0
+  assert "train: top-1" in result.stdout
+  assert not (workdir / "space").exists() and not (workdir / "search").exists()
