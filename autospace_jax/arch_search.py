@@ -245,12 +245,8 @@ class ArchSearch:
       if self.writer is not None and step % self.config.log_every_steps == 0:
         self.writer.write_scalars(step, {k: float(v) for k, v in metrics.items()},
                                   f"search/{run_name(self.space_name, self.target.madds)}")
-      if step % self.config.checkpoint.every_steps == 0 or step == self.total_steps:
-        ckpt.save(step, state, {"step": step}, force=step == self.total_steps)
-      if checkpointing.should_stop(step):
-        ckpt.save(step, state, {"step": step}, force=True)
-        ckpt.wait()
-        raise checkpointing.Preempted(ckpt.directory, step)
+      ckpt.save_on_schedule(step, state, {"step": step}, self.config.checkpoint.every_steps,
+                            self.total_steps)
     bar.close()
     ckpt.wait()
     ckpt.close()

@@ -132,6 +132,17 @@ class Checkpointer:
           'away to start afresh.') from error
     return None
 
+  def save_on_schedule(self, step: int, arrays: Any, meta: dict, every_steps: int,
+                       total_steps: int) -> None:
+    """A training loop's checkpoint call after each step: saves every `every_steps` and
+    at the last step; after a SIGTERM saves now, waits, and raises `Preempted`."""
+    if step % every_steps == 0 or step == total_steps:
+      self.save(step, arrays, meta, force=step == total_steps)
+    if should_stop(step):
+      self.save(step, arrays, meta, force=True)
+      self.wait()
+      raise Preempted(self.directory, step)
+
   def restore_or_init(self, init: Callable[[], Any], parallel: DataParallel, name: str
                       ) -> tuple[int, Any, dict | None]:
     """(step, state, meta) of the newest checkpoint, restored replicated over the mesh

@@ -196,12 +196,8 @@ class SpaceSearch:
       if self.writer is not None and run.step % self.config.log_every_steps == 0:
         self.writer.write_scalars(run.step, {k: float(v) for k, v in metrics.items()},
                                   "space")
-      if run.step % self.config.checkpoint.every_steps == 0 or run.step == self.total_steps:
-        self._save(ckpt, run, state, force=run.step == self.total_steps)
-      if checkpointing.should_stop(run.step):
-        self._save(ckpt, run, state, force=True)
-        ckpt.wait()
-        raise checkpointing.Preempted(ckpt.directory, run.step)
+      ckpt.save_on_schedule(run.step, state, run.to_json(),
+                            self.config.checkpoint.every_steps, self.total_steps)
     bar.close()
     ckpt.wait()
     ckpt.close()
@@ -220,9 +216,6 @@ class SpaceSearch:
     supernet.check_finite(metrics["loss"], "space", run.step)
     state = self.trainer.apply(state, grads, alpha_grad if evolving else None, path_run)
     return state, metrics
-
-  def _save(self, ckpt, run: SpaceRun, state, force: bool) -> None:
-    ckpt.save(run.step, state, run.to_json(), force=force)
 
   def _restore_or_init(self, ckpt):
     _, state, meta = ckpt.restore_or_init(

@@ -130,12 +130,8 @@ class Trainer:
         self.writer.write_scalars(step, {k: float(v) for k, v in metrics.items()}, self.tag)
       if eval_every and step % eval_every == 0 and step < self.total_steps:
         history.append({"step": step, **self.evaluate(state)})
-      if step % self.config.checkpoint.every_steps == 0 or step == self.total_steps:
-        ckpt.save(step, state, {"step": step}, force=step == self.total_steps)
-      if checkpointing.should_stop(step):
-        ckpt.save(step, state, {"step": step}, force=True)
-        ckpt.wait()
-        raise checkpointing.Preempted(ckpt.directory, step)
+      ckpt.save_on_schedule(step, state, {"step": step}, self.config.checkpoint.every_steps,
+                            self.total_steps)
     bar.close()
     ckpt.wait()
     ckpt.close()

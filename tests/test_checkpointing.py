@@ -208,6 +208,24 @@ def test_sigterm_sets_the_flag_and_the_process_survives(sigterm_handler):
   assert not checkpointing.should_stop(3)
 
 
+def _saved_steps(directory) -> list[int]:
+  return sorted(int(p.name) for p in Path(directory).iterdir() if p.name.isdigit())
+
+
+def test_save_on_schedule_saves_every_n_steps_and_the_last_then_stops_on_sigterm(
+    tmp_path, sigterm_handler):
+  checkpointing.install_sigterm_handler()
+  ckpt = checkpointing.Checkpointer(str(tmp_path), max_to_keep=10, async_save=False)
+  for step in range(1, 8):
+    ckpt.save_on_schedule(step, {'x': jnp.float32(step)}, {'step': step}, 3, 7)
+  assert _saved_steps(tmp_path) == [3, 6, 7]
+  os.kill(os.getpid(), signal.SIGTERM)
+  with pytest.raises(checkpointing.Preempted) as preempted:
+    ckpt.save_on_schedule(8, {'x': jnp.float32(8)}, {'step': 8}, 3, 20)
+  assert preempted.value.step == 8 and _saved_steps(tmp_path) == [3, 6, 7, 8]
+  ckpt.close()
+
+
 _LOOP = textwrap.dedent('''
     import sys, time
     import jax, jax.numpy as jnp
@@ -222,12 +240,7 @@ _LOOP = textwrap.dedent('''
       while True:
         step += 1
         time.sleep(0.01)
-        if step % 50 == 0:
-          ckpt.save(step, {'x': jnp.float32(step)}, {'step': step})
-        if checkpointing.should_stop(step):
-          ckpt.save(step, {'x': jnp.float32(step)}, {'step': step}, force=True)
-          ckpt.wait()
-          raise checkpointing.Preempted(ckpt.directory, step)
+        ckpt.save_on_schedule(step, {'x': jnp.float32(step)}, {'step': step}, 50, 10**9)
     except checkpointing.Preempted as e:
       print(f'preempted {e.step} {e.directory}', flush=True)
       sys.exit(0)
