@@ -319,14 +319,17 @@ def _curves(points: Sequence[dict]) -> dict[str, list[dict]]:
 def plot_accuracy_vs_madds(points: Sequence[dict], path: str) -> None:
   """Top-1 against MAdds, one curve per space, points labelled with their target."""
   fig, ax = plt.subplots(figsize=(6.4, 4.6))
-  for space, curve in _curves(points).items():
+  for index, (space, curve) in enumerate(_curves(points).items()):
     x = np.array([p["madds"] for p in curve]) / 1e6
     y = np.array([100 * p["top1"] for p in curve])
-    ax.plot(x, y, marker="o", linewidth=1.5, color=SPACE_COLORS.get(space),
-            label=f"{space} space")
+    color = SPACE_COLORS.get(space)
+    ax.plot(x, y, marker="o", linewidth=1.5, color=color, label=f"{space} space")
+    # Alternate spaces label above / below their points: nets of two spaces searched
+    # for one target often sit close together.
+    offset, align = ((4, 5), "bottom") if index % 2 == 0 else ((4, -6), "top")
     for p, xi, yi in zip(curve, x, y):
       ax.annotate(f"target {_mega(p['target'])}", (xi, yi), textcoords="offset points",
-                  xytext=(4, 5), fontsize=7)
+                  xytext=offset, va=align, fontsize=7, color=color)
   ax.set_xlabel("MAdds of the trained net (millions)")
   ax.set_ylabel("top-1 accuracy (%)")
   ax.set_title("Stage 3: accuracy vs MAdds per search space", fontsize=10)
