@@ -129,10 +129,11 @@ def add_all(*inputs: Array) -> Array:
 
 
 def cell_dataflow(genome: genome_lib.Genome, x: Array, out_channels: int, stride: int,
-                  se: bool, apply_op: ApplyOp, add: Callable[..., Array] = add_all) -> Array:
+                  se: bool, apply_op: ApplyOp, add: Callable[..., Array] = add_all,
+                  subsample: Callable[[Array, int], Array] = ops.subsample) -> Array:
   """SPEC §4 cell semantics; ``apply_op`` runs each parameterised op by its name, ``add``
-  sums a node's inputs (the supernet passes a jitted one: eager adds under autodiff cost
-  milliseconds each)."""
+  sums a node's inputs and ``subsample`` is the strided identity edge (the supernet
+  passes its own, which record themselves for the backward pass)."""
   c_mid = genome.expansion * x.shape[-1]
   nodes = {0: apply_op("expand", Expand, {"features": c_mid}, x) if genome.expansion > 1
            else x}
@@ -141,7 +142,7 @@ def cell_dataflow(genome: genome_lib.Genome, x: Array, out_channels: int, stride
     for source, code in genome.in_edges(node):
       edge_stride = stride if source == 0 else 1
       if code == genome_lib.IDENTITY:
-        inputs.append(ops.subsample(nodes[source], edge_stride))
+        inputs.append(subsample(nodes[source], edge_stride))
       else:
         inputs.append(apply_op(f"edge_{source}{node}_k{code}", DepthwiseBN,
                                {"kernel_size": code, "stride": edge_stride}, nodes[source]))
@@ -291,10 +292,12 @@ def host_init(abstract_variables: Any, rng: np.random.Generator) -> Any:
 
   Flax's `init` under jit compiles an RNG program per module variant (~0.5 s each on
   XLA:CPU: a minute for a supernet bank of hundreds of op variants, seconds per net);
-  these NumPy draws from the same distributions take milliseconds.
+  these NumPy draws from the same distributions take milliseconds. (`device_put`, since
+  an eager `jnp.asarray` compiles a staging program per shape.)
   """
   return jax.tree_util.tree_map_with_path(
-      lambda path, leaf: jnp.asarray(_initial_value(tuple(p.key for p in path), leaf, rng)),
+      lambda path, leaf: jax.device_put(
+          _initial_value(tuple(p.key for p in path), leaf, rng)),
       abstract_variables)
 
 

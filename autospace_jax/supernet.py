@@ -7,11 +7,14 @@ compiles once but nests 60 branches per layer, compiled for minutes, and on XLA:
 backward ran 5-14x slower than a static net (measured: see benchmarks/). Instead the
 host, which already knows the sampled path, runs each op of the sampled cells as its own
 small jitted function (one per op kind and shape, compiled once and reused by every
-genome), and `jax.value_and_grad` differentiates through that chain. Exactly the sampled
-cells execute, nothing recompiles when the cells change, and per-op weights come from a
-per-layer bank keyed by (op name, expansion) so the parameter tree never changes shape.
-Only the bank entries that ran are updated, so weights and optimizer state of ops that
-did not run cannot move.
+genome). Each returns its output and its VJP (residuals as a pytree); the host records
+them on a tape and runs the VJPs backward, each a jitted call too. (Eager
+`jax.value_and_grad` over the same chain did the same maths at twice the step time:
+tracing and linearising every call in Python.) Exactly the sampled cells execute,
+nothing recompiles when the cells change, and per-op weights come from a per-layer bank
+keyed by (op name, expansion) so the parameter tree never changes shape. Only the bank
+entries that ran are updated, so weights and optimizer state of ops that did not run
+cannot move.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import optax
 from autospace_jax import cells
 from autospace_jax import genome as genome_lib
 from autospace_jax import netspec
+from autospace_jax import ops
 from autospace_jax.parallel import DataParallel
 
 Op = Any  # a Genome or netspec.ZERO
@@ -93,18 +97,47 @@ def supernet_spec_from_net(net: netspec.NetSpec, conv_codes: Sequence[int]) -> S
 # --- Jitted ops ---------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
-def _jitted_op(module_class: type, frozen_kwargs: tuple) -> Callable:
-  """One jitted `apply` per op kind; jit's own cache then keys it by input shapes."""
-  module = module_class(**dict(frozen_kwargs))
-
-  @jax.jit
+def _module_apply(module: flax.linen.Module) -> Callable:
+  """``(params, batch_stats, *inputs) -> (output, new batch_stats)`` in training mode."""
   def apply(params, batch_stats, *inputs):
     variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
     out, mutated = module.apply(variables, *inputs, train=True, mutable=["batch_stats"])
     return out, mutated.get("batch_stats", {})
-
   return apply
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_op(module_class: type, frozen_kwargs: tuple) -> Callable:
+  """One jitted forward per op kind (no gradients); jit's cache keys it by shapes."""
+  return jax.jit(_module_apply(module_class(**dict(frozen_kwargs))))
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_op_vjp(module_class: type, frozen_kwargs: tuple, wrt_inputs: bool) -> Callable:
+  """The op's forward that also returns its VJP: ``(out, new_stats, vjp)``.
+
+  The VJP is a pytree of residuals; `_backward` applies it to the output's cotangent
+  and returns cotangents for the params (and the inputs, if ``wrt_inputs``).
+  """
+  apply = _module_apply(module_class(**dict(frozen_kwargs)))
+
+  @jax.jit
+  def forward(params, batch_stats, *inputs):
+    if wrt_inputs:
+      return _reorder(jax.vjp(lambda p, *x: apply(p, batch_stats, *x), params, *inputs,
+                              has_aux=True))
+    return _reorder(jax.vjp(lambda p: apply(p, batch_stats, *inputs), params,
+                            has_aux=True))
+
+  return forward
+
+
+def _reorder(vjp_result: tuple) -> tuple:
+  out, vjp, new_stats = vjp_result
+  return out, new_stats, vjp
+
+
+_backward = jax.jit(lambda vjp, cotangent: vjp(cotangent))
 
 
 def _op_kwargs(module_class: type, kwargs: dict, bn: dict) -> tuple:
@@ -224,82 +257,146 @@ def cell_entries(op: Op) -> tuple[str, ...]:
   return tuple(names)
 
 
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+  """A differentiated input that is not an activation: a bank or fixed entry, or α."""
+
+  key: tuple
+
+
+ALPHA = Leaf(("alpha",))
+
+
 @dataclasses.dataclass
 class PathRun:
-  """What one forward pass touched: new BN statistics and the bank entries used."""
+  """What one forward pass touched: new BN statistics, the bank entries used, and the
+  tape that runs it backward.
+
+  Each tape record is ``(output, vjp, sources)``: the VJP maps the output's cotangent
+  to one cotangent per source (an activation array, a `Leaf`, or None for inputs that
+  need none); ``vjp`` None marks a sum, whose sources all get the output's cotangent.
+  """
 
   batch_stats: dict = dataclasses.field(default_factory=dict)
   used: set = dataclasses.field(default_factory=set)
+  tape: list = dataclasses.field(default_factory=list)
+
+  def record(self, output: jax.Array, vjp: Any, sources: Sequence[Any]) -> jax.Array:
+    self.tape.append((output, vjp, tuple(sources)))
+    return output
+
+  def add(self, *inputs: jax.Array) -> jax.Array:
+    return self.record(_jitted_add(*inputs), None, inputs)
+
+  def subsample(self, x: jax.Array, stride: int) -> jax.Array:
+    if stride == 1:
+      return x
+    out, vjp = _subsample_vjp(x, stride)
+    return self.record(out, vjp, (x,))
+
+  def backward(self, output: jax.Array, cotangent: jax.Array) -> dict[tuple, Any]:
+    """Cotangents of every `Leaf` that ``output`` depends on, keyed by the leaf's key.
+
+    Records run in reverse; an activation's cotangent is complete when its producer is
+    reached, since every consumer was recorded after it. Sources are kept alive by the
+    tape, so their ids stay unique while it runs.
+    """
+    pending = {id(output): cotangent}
+    leaves: dict[tuple, Any] = {}
+    for out, vjp, sources in reversed(self.tape):
+      ct = pending.pop(id(out), None)
+      if ct is None:
+        continue  # nothing downstream used it (e.g. it fed a Zero cell)
+      for source, source_ct in zip(sources, (ct,) * len(sources) if vjp is None
+                                   else _backward(vjp, ct)):
+        if source is None:
+          continue
+        bucket, key = (leaves, source.key) if isinstance(source, Leaf) else (pending,
+                                                                             id(source))
+        bucket[key] = source_ct if key not in bucket else _jitted_add(bucket[key],
+                                                                       source_ct)
+    return leaves
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _subsample_vjp(x: jax.Array, stride: int) -> tuple[jax.Array, Any]:
+  return jax.vjp(lambda v: ops.subsample(v, stride), x)
 
 
 def _cell_forward(shape: LayerShape, op: Op, x: jax.Array, params: dict, stats: dict,
                   spec: SupernetSpec, layer: str, run: PathRun | None) -> jax.Array:
-  """Run one candidate; ``run`` is None for a candidate evaluated without gradients."""
+  """Run one candidate; ``run`` None evaluates it without gradients or new statistics."""
   if op == netspec.ZERO:
     return cells.zero_output(x, shape.out_channels, shape.stride)
 
   def apply_op(name, module_class, kwargs, *inputs):
     entry = bank_entry(name, op)
-    fn = _jitted_op(module_class, _op_kwargs(module_class, kwargs, spec.bn))
-    p = params[entry]
+    frozen = _op_kwargs(module_class, kwargs, spec.bn)
     if run is None:
-      p = jax.lax.stop_gradient(p)
-    out, new_stats = fn(p, stats[entry], *inputs)
-    if run is not None:
-      run.batch_stats[("layers", layer, entry)] = new_stats
-      run.used.add(("layers", layer, entry))
-    return out
+      return _jitted_op(module_class, frozen)(params[entry], stats[entry], *inputs)[0]
+    out, new_stats, vjp = _jitted_op_vjp(module_class, frozen, True)(
+        params[entry], stats[entry], *inputs)
+    key = ("layers", layer, entry)
+    run.batch_stats[key] = new_stats
+    run.used.add(key)
+    return run.record(out, vjp, (Leaf(key), *inputs))
 
+  if run is None:
+    return cells.cell_dataflow(op, x, shape.out_channels, shape.stride, False, apply_op,
+                               _jitted_add)
   return cells.cell_dataflow(op, x, shape.out_channels, shape.stride, False, apply_op,
-                             _jitted_add)
+                             run.add, run.subsample)
 
 
-# Host-chained glue: each is one cached program call, where the same jnp expressions run
-# eagerly under autodiff would dispatch (and linearize) every primitive separately.
+# Glue between ops: each is one cached program call.
 _jitted_add = jax.jit(cells.add_all)
 
 
 @functools.partial(jax.jit, static_argnames="estimator")
-def _gate(y: jax.Array, alpha: jax.Array, mask: jax.Array | None, layer: int, choice: int,
-          others: tuple[jax.Array, ...], estimator: str) -> jax.Array:
-  """Layer ``layer``'s output with α's path into it; the value stays ``y``.
+def _gate_vjp(y: jax.Array, alpha: jax.Array, mask: jax.Array | None, layer: int,
+              choice: int, others: tuple[jax.Array, ...], estimator: str
+              ) -> tuple[jax.Array, Any]:
+  """Layer ``layer``'s output with α's path into it (the value stays ``y``), and its VJP
+  with respect to (y, α).
 
   ``sampled``: y * p_c / stop_gradient(p_c). ``proxyless``: y + sum_j (p_j -
-  stop_gradient(p_j)) o_j over every candidate's output ``others``.
+  stop_gradient(p_j)) o_j over every candidate's output ``others`` (constants here).
   """
-  if mask is not None:
-    alpha = jnp.where(mask, alpha, -jnp.inf)
-  p = jax.nn.softmax(alpha[layer])
-  if estimator == "sampled":
-    return y * (p[choice] / jax.lax.stop_gradient(p[choice]))
-  gates = p - jax.lax.stop_gradient(p)
-  return y + sum(gates[j] * jax.lax.stop_gradient(o) for j, o in enumerate(others))
+  def gate(y, alpha):
+    if mask is not None:
+      alpha = jnp.where(mask, alpha, -jnp.inf)
+    p = jax.nn.softmax(alpha[layer])
+    if estimator == "sampled":
+      return y * (p[choice] / jax.lax.stop_gradient(p[choice]))
+    gates = p - jax.lax.stop_gradient(p)
+    return y + sum(gates[j] * o for j, o in enumerate(others))
+  return jax.vjp(gate, y, alpha)
 
 
 def forward_path(spec: SupernetSpec, params: dict, batch_stats: dict, alpha: jax.Array | None,
                  images: jax.Array, candidates: Sequence[Sequence[Op]], path: Sequence[int],
                  estimator: str, run: PathRun, alpha_mask: np.ndarray | None = None
                  ) -> jax.Array:
-  """Logits of the sampled path; α (L x K logits) enters through the chosen estimator.
+  """Logits of the sampled path, recorded on ``run``'s tape for `PathRun.backward`.
 
-  ``sampled``: the cell output is scaled by p_i / stop_gradient(p_i) (value 1).
-  ``proxyless``: every candidate runs forward (without gradients to its weights) and the
-  output gains sum_j (p_j - stop_gradient(p_j)) o_j, giving ProxylessNAS's α gradient.
-  ``None`` α (warm-up) runs the path with no α at all. ``alpha_mask`` marks padding
-  candidates (layers with fewer candidates than others) that get no probability.
+  α (L x K logits) enters through the chosen estimator. ``sampled``: the cell output is
+  scaled by p_i / stop_gradient(p_i) (value 1). ``proxyless``: every candidate runs
+  forward (without gradients to its weights) and the output gains
+  sum_j (p_j - stop_gradient(p_j)) o_j, giving ProxylessNAS's α gradient. ``None`` α
+  (warm-up) runs the path with no α at all. ``alpha_mask`` marks padding candidates
+  (layers with fewer candidates than others) that get no probability.
   """
   fixed = _fixed_modules(spec)
 
-  def run_fixed(name, x):
-    fn = _jitted_op(type(fixed[name]), _fixed_kwargs(fixed[name]))
-    out, new_stats = fn(params[name], batch_stats[name], x)
-    run.batch_stats[(name,)] = new_stats
-    return out
+  def run_fixed(name, x, wrt_inputs=True):
+    fn = _jitted_op_vjp(type(fixed[name]), _fixed_kwargs(fixed[name]), wrt_inputs)
+    out, run.batch_stats[(name,)], vjp = fn(params[name], batch_stats[name], x)
+    return run.record(out, vjp, (Leaf((name,)), x) if wrt_inputs else (Leaf((name,)),))
 
   if estimator not in ("sampled", "proxyless"):
     raise ValueError(f"estimator must be 'sampled' or 'proxyless', got {estimator!r}")
   mask = None if alpha_mask is None else jnp.asarray(alpha_mask)
-  x = run_fixed("first_block", run_fixed("stem", images))
+  x = run_fixed("first_block", run_fixed("stem", images, wrt_inputs=False))
   for i, (shape, ops_i, choice) in enumerate(zip(spec.layers, candidates, path)):
     name = layer_name(i)
     lp, ls = params["layers"][name], batch_stats["layers"][name]
@@ -308,11 +405,11 @@ def forward_path(spec: SupernetSpec, params: dict, batch_stats: dict, alpha: jax
       others = ()
       if estimator == "proxyless":
         others = tuple(y if j == choice else
-                       _cell_forward(shape, op, jax.lax.stop_gradient(x), lp, ls, spec, name,
-                                     None)
+                       _cell_forward(shape, op, x, lp, ls, spec, name, None)
                        for j, op in enumerate(ops_i))
-      y = _gate(y, alpha, mask, i, choice, others, estimator)
-    x = _jitted_add(x, y) if shape.has_shortcut else y
+      gated, vjp = _gate_vjp(y, alpha, mask, i, choice, others, estimator)
+      y = run.record(gated, vjp, (y, ALPHA))
+    x = run.add(x, y) if shape.has_shortcut else y
   return run_fixed("head", x)
 
 
@@ -338,6 +435,10 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float) 
   """Mean label-smoothed cross-entropy."""
   targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
   return optax.softmax_cross_entropy(logits, targets).mean()
+
+
+_cross_entropy_and_grad = jax.jit(jax.value_and_grad(cross_entropy),
+                                  static_argnames="label_smoothing")
 
 
 @jax.jit
@@ -419,6 +520,13 @@ def _jitted_entry_update(weight_decay: float, momentum: float) -> Callable:
   return update
 
 
+def _zero_state(tx: optax.GradientTransformation, params: Any) -> Any:
+  """``tx.init(params)`` for an optimizer whose state starts at zero (SGD's momentum),
+  made on the host: eager `init` compiles a zeros program per entry shape."""
+  return jax.tree.map(lambda leaf: jax.device_put(np.zeros(leaf.shape, leaf.dtype)),
+                      jax.eval_shape(tx.init, params))
+
+
 class SupernetTrainer:
   """Owns the jitted pieces of a supernet step; the state itself stays a pytree.
 
@@ -450,7 +558,7 @@ class SupernetTrainer:
   def init(self, seed: int, num_candidates: int) -> TrainState:
     variables = init_variables(self.spec, seed)
     params = variables["params"]
-    opt_state = _with_entries(params, {k: self.weight_tx.init(_get(params, k))
+    opt_state = _with_entries(params, {k: _zero_state(self.weight_tx, _get(params, k))
                                        for k in entry_keys(params)})
     alpha = jnp.zeros((len(self.spec.layers), num_candidates), jnp.float32)
     state = TrainState(jnp.zeros((), jnp.int32), params, variables["batch_stats"], opt_state,
@@ -468,35 +576,41 @@ class SupernetTrainer:
   def loss_and_grads(self, state: TrainState, batch: dict, candidates: Sequence[Sequence[Op]],
                      path: Sequence[int], train_alpha: bool,
                      alpha_loss: Callable[[jax.Array, jax.Array], jax.Array] | None = None):
-    """Forward the path and differentiate; returns (metrics, grads, alpha_grad, run)."""
+    """Forward the path and run its tape backward; returns (metrics, grads, alpha_grad,
+    run). ``grads`` holds an entry for every fixed part and every bank entry of the
+    sampled cells (zeros where the loss does not depend on it, as autodiff would give)."""
     images, labels = self.shard(batch)
     run = PathRun()
-
-    def loss_fn(trainable, alpha):
-      full = _with_entries(state.params, {k: _get(trainable, k)
-                                          for k in entry_keys(trainable)})
-      logits = forward_path(self.spec, full, state.batch_stats,
-                            alpha if train_alpha else None, images, candidates, path,
-                            self.estimator, run, self.alpha_mask)
-      ce = cross_entropy(logits, labels, self.label_smoothing)
-      # New BN statistics leave through aux: stored from inside they would leak tracers.
-      return ce, (logits, run.batch_stats)
-
-    trainable = self._trainable_subtree(state.params, candidates, path)
-    (ce, (logits, run.batch_stats)), (grads, alpha_grad) = jax.value_and_grad(
-        loss_fn, argnums=(0, 1), has_aux=True)(trainable, state.alpha)
-    if alpha_loss is not None and train_alpha:
-      alpha_grad = alpha_loss(state.alpha, ce, alpha_grad)
+    logits = forward_path(self.spec, state.params, state.batch_stats,
+                          state.alpha if train_alpha else None, images, candidates, path,
+                          self.estimator, run, self.alpha_mask)
+    ce, logits_ct = _cross_entropy_and_grad(logits, labels,
+                                            label_smoothing=self.label_smoothing)
+    leaves = run.backward(logits, logits_ct)
+    alpha_grad = None
+    if train_alpha:
+      alpha_grad = leaves.pop(ALPHA.key, None)
+      if alpha_grad is None:
+        alpha_grad = jnp.zeros_like(state.alpha)
+      if alpha_loss is not None:
+        alpha_grad = alpha_loss(state.alpha, ce, alpha_grad)
+    grads = {"layers": {}}
+    for key in self._trained_entries(candidates, path):
+      grad = leaves.get(key)
+      if grad is None:
+        grad = jax.tree.map(jnp.zeros_like, _get(state.params, key))
+      if key[0] == "layers":
+        grads["layers"].setdefault(key[1], {})[key[2]] = grad
+      else:
+        grads[key[0]] = grad
     metrics = {"loss": ce, "accuracy": accuracy(logits, labels)}
     return metrics, grads, alpha_grad, run
 
-  def _trainable_subtree(self, params, candidates, path) -> dict:
-    """Only the bank entries of the sampled cells are differentiated."""
-    layers = {}
-    for i, (ops, choice) in enumerate(zip(candidates, path)):
-      name = layer_name(i)
-      layers[name] = {e: params["layers"][name][e] for e in cell_entries(ops[choice])}
-    return {**{k: v for k, v in params.items() if k != "layers"}, "layers": layers}
+  def _trained_entries(self, candidates, path) -> list[tuple[str, ...]]:
+    """The fixed parts and the bank entries of the sampled cells."""
+    return [(name,) for name in _fixed_modules(self.spec)] + [
+        ("layers", layer_name(i), e) for i, (ops_i, choice) in enumerate(zip(candidates, path))
+        for e in cell_entries(ops_i[choice])]
 
   def shard(self, batch: dict) -> tuple[jax.Array, jax.Array]:
     batch = self.parallel.global_batch({"image": batch["image"], "label": batch["label"]})

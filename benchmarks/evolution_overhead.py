@@ -65,13 +65,18 @@ def stage1_stall(workdir: str) -> tuple[float, space_search.SpaceSearch, float]:
   return clock.seconds / wall, search, wall
 
 
-def time_steps(fn, repeats: int) -> float:
-  fn()  # compile / warm
-  start = time.perf_counter()
-  for _ in range(repeats):
-    out = fn()
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / repeats
+def time_steps(fn, repeats: int, blocks: int = 3) -> float:
+  """Mean step time of the fastest of ``blocks`` runs of ``repeats`` steps (the least
+  disturbed by whatever else the machine does)."""
+  jax.block_until_ready(fn())  # compile / warm
+  times = []
+  for _ in range(blocks):
+    start = time.perf_counter()
+    for _ in range(repeats):
+      out = fn()
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - start) / repeats)
+  return min(times)
 
 
 def step_ratio(search: space_search.SpaceSearch, paths: int, repeats: int = 10) -> float:

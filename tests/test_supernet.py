@@ -47,6 +47,17 @@ def leaves_by_entry(tree):
           for layer, bank in tree["layers"].items()}
 
 
+def test_a_fresh_state_holds_the_weight_optimizers_own_initial_state():
+  spec, trainer = make_trainer()
+  state = trainer.init(0, 3)
+  for key in supernet.entry_keys(state.params):
+    expected = trainer.weight_tx.init(supernet._get(state.params, key))
+    actual = supernet._get(state.opt_state, key)
+    assert jax.tree.structure(actual) == jax.tree.structure(expected), key
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+      assert a.dtype == e.dtype and np.array_equal(a, e), key
+
+
 def test_one_step_changes_only_the_sampled_cells_weights_optimizer_state_and_bn_stats():
   spec, trainer = make_trainer()
   state = trainer.init(0, 3)
