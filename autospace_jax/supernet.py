@@ -313,9 +313,13 @@ class PathRun:
           continue
         bucket, key = (leaves, source.key) if isinstance(source, Leaf) else (pending,
                                                                              id(source))
-        bucket[key] = source_ct if key not in bucket else _jitted_add(bucket[key],
+        bucket[key] = source_ct if key not in bucket else _accumulate(bucket[key],
                                                                        source_ct)
     return leaves
+
+
+# Sums cotangents that reach one source from several consumers (arrays or param trees).
+_accumulate = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
 
 
 @functools.partial(jax.jit, static_argnums=1)
