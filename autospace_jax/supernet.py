@@ -114,7 +114,7 @@ def _jitted_op(module_class: type, frozen_kwargs: tuple) -> Callable:
 
 @functools.lru_cache(maxsize=None)
 def _jitted_op_vjp(module_class: type, frozen_kwargs: tuple, wrt_inputs: bool) -> Callable:
-  """The op's forward that also returns its VJP: ``(out, new_stats, vjp)``.
+  """The op's forward that also returns its VJP: ``(out, vjp, new_stats)``.
 
   The VJP is a pytree of residuals; `_backward` applies it to the output's cotangent
   and returns cotangents for the params (and the inputs, if ``wrt_inputs``).
@@ -123,18 +123,11 @@ def _jitted_op_vjp(module_class: type, frozen_kwargs: tuple, wrt_inputs: bool) -
 
   @jax.jit
   def forward(params, batch_stats, *inputs):
-    if wrt_inputs:
-      return _reorder(jax.vjp(lambda p, *x: apply(p, batch_stats, *x), params, *inputs,
-                              has_aux=True))
-    return _reorder(jax.vjp(lambda p: apply(p, batch_stats, *inputs), params,
-                            has_aux=True))
+    differentiated, constant = (inputs, ()) if wrt_inputs else ((), inputs)
+    return jax.vjp(lambda p, *x: apply(p, batch_stats, *x, *constant), params,
+                   *differentiated, has_aux=True)
 
   return forward
-
-
-def _reorder(vjp_result: tuple) -> tuple:
-  out, vjp, new_stats = vjp_result
-  return out, new_stats, vjp
 
 
 _backward = jax.jit(lambda vjp, cotangent: vjp(cotangent))
@@ -338,18 +331,16 @@ def _cell_forward(shape: LayerShape, op: Op, x: jax.Array, params: dict, stats: 
     frozen = _op_kwargs(module_class, kwargs, spec.bn)
     if run is None:
       return _jitted_op(module_class, frozen)(params[entry], stats[entry], *inputs)[0]
-    out, new_stats, vjp = _jitted_op_vjp(module_class, frozen, True)(
+    out, vjp, new_stats = _jitted_op_vjp(module_class, frozen, True)(
         params[entry], stats[entry], *inputs)
     key = ("layers", layer, entry)
     run.batch_stats[key] = new_stats
     run.used.add(key)
     return run.record(out, vjp, (Leaf(key), *inputs))
 
-  if run is None:
-    return cells.cell_dataflow(op, x, shape.out_channels, shape.stride, False, apply_op,
-                               _jitted_add)
-  return cells.cell_dataflow(op, x, shape.out_channels, shape.stride, False, apply_op,
-                             run.add, run.subsample)
+  add, subsample = (_jitted_add, ops.subsample) if run is None else (run.add, run.subsample)
+  return cells.cell_dataflow(op, x, shape.out_channels, shape.stride, False, apply_op, add,
+                             subsample)
 
 
 # Glue between ops: each is one cached program call.
@@ -394,7 +385,7 @@ def forward_path(spec: SupernetSpec, params: dict, batch_stats: dict, alpha: jax
 
   def run_fixed(name, x, wrt_inputs=True):
     fn = _jitted_op_vjp(type(fixed[name]), _fixed_kwargs(fixed[name]), wrt_inputs)
-    out, run.batch_stats[(name,)], vjp = fn(params[name], batch_stats[name], x)
+    out, vjp, run.batch_stats[(name,)] = fn(params[name], batch_stats[name], x)
     return run.record(out, vjp, (Leaf((name,)), x) if wrt_inputs else (Leaf((name,)),))
 
   if estimator not in ("sampled", "proxyless"):
@@ -599,7 +590,7 @@ class SupernetTrainer:
       if alpha_loss is not None:
         alpha_grad = alpha_loss(state.alpha, ce, alpha_grad)
     grads = {"layers": {}}
-    for key in self._trained_entries(candidates, path):
+    for key in self._trained_entries(state.params, candidates, path):
       grad = leaves.get(key)
       if grad is None:
         grad = jax.tree.map(jnp.zeros_like, _get(state.params, key))
@@ -610,9 +601,9 @@ class SupernetTrainer:
     metrics = {"loss": ce, "accuracy": accuracy(logits, labels)}
     return metrics, grads, alpha_grad, run
 
-  def _trained_entries(self, candidates, path) -> list[tuple[str, ...]]:
+  def _trained_entries(self, params, candidates, path) -> list[tuple[str, ...]]:
     """The fixed parts and the bank entries of the sampled cells."""
-    return [(name,) for name in _fixed_modules(self.spec)] + [
+    return [(name,) for name in params if name != "layers"] + [
         ("layers", layer_name(i), e) for i, (ops_i, choice) in enumerate(zip(candidates, path))
         for e in cell_entries(ops_i[choice])]
 
