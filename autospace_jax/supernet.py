@@ -14,13 +14,17 @@ tracing and linearising every call in Python.) Exactly the sampled cells execute
 nothing recompiles when the cells change, and per-op weights come from a per-layer bank
 keyed by (op name, expansion) so the parameter tree never changes shape. Only the bank
 entries that ran are updated, so weights and optimizer state of ops that did not run
-cannot move.
+cannot move. The same path code, run as a compile-only pass (`PathRun.compile_only`),
+compiles a step's programs without running them, which lets precompile.py compile ahead
+on background threads.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
+import threading
 from typing import Any, Callable, Sequence
 
 import flax
@@ -222,32 +226,40 @@ def init_variables(spec: SupernetSpec, seed: int) -> dict:
 
 
 class _Probe:
-  """Stands in for an activation to list the ops a genome runs, without computing."""
+  """Stands in for an activation to list the calls a genome makes, without computing."""
 
   shape = (1, 1, 1, 1)
 
-  def __getitem__(self, _):
-    return self
-
-  def __add__(self, _):
-    return self
-
-  __radd__ = __add__
-
 
 @functools.lru_cache(maxsize=None)
-def cell_entries(op: Op) -> tuple[str, ...]:
-  """Bank entries the cell ``op`` runs (none for Zero)."""
+def cell_calls(op: Op) -> tuple[tuple, ...]:
+  """The program calls the cell ``op`` makes, in order and without computing anything:
+  ``("op", bank entry, number of inputs)``, ``("add", expansion, number of inputs)`` and
+  ``("subsample", expansion)``. Within one layer these fix which programs run."""
   if op == netspec.ZERO:
     return ()
-  names = []
+  calls = []
 
   def apply_op(name, module_class, kwargs, *inputs):
-    names.append(bank_entry(name, op))
+    calls.append(("op", bank_entry(name, op), len(inputs)))
     return _Probe()
 
-  cells.cell_dataflow(op, _Probe(), 1, 2, False, apply_op)
-  return tuple(names)
+  def add(*inputs):
+    calls.append(("add", op.expansion, len(inputs)))
+    return _Probe()
+
+  def subsample(x, stride):
+    if stride > 1:
+      calls.append(("subsample", op.expansion))
+    return _Probe()
+
+  cells.cell_dataflow(op, _Probe(), 1, 2, False, apply_op, add, subsample)
+  return tuple(calls)
+
+
+def cell_entries(op: Op) -> tuple[str, ...]:
+  """Bank entries the cell ``op`` runs (none for Zero)."""
+  return tuple(call[1] for call in cell_calls(op) if call[0] == "op")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,18 +285,26 @@ class PathRun:
   batch_stats: dict = dataclasses.field(default_factory=dict)
   used: set = dataclasses.field(default_factory=set)
   tape: list = dataclasses.field(default_factory=list)
+  compile_only: bool = False
+
+  def call(self, program: Callable, *args: Any, **static: Any) -> Any:
+    """Run a jitted program; in a compile-only pass, compile it (jit's caches keep the
+    executable for the real call) and return the shapes of its outputs instead."""
+    if self.compile_only:
+      return _compile_once(program, args, static)
+    return program(*args, **static)
 
   def record(self, output: jax.Array, vjp: Any, sources: Sequence[Any]) -> jax.Array:
     self.tape.append((output, vjp, tuple(sources)))
     return output
 
   def add(self, *inputs: jax.Array) -> jax.Array:
-    return self.record(_jitted_add(*inputs), None, inputs)
+    return self.record(self.call(_jitted_add, *inputs), None, inputs)
 
   def subsample(self, x: jax.Array, stride: int) -> jax.Array:
     if stride == 1:
       return x
-    out, vjp = _subsample_vjp(x, stride)
+    out, vjp = self.call(_subsample_vjp, x, stride)
     return self.record(out, vjp, (x,))
 
   def backward(self, output: jax.Array, cotangent: jax.Array) -> dict[tuple, Any]:
@@ -301,14 +321,40 @@ class PathRun:
       if ct is None:
         continue  # nothing downstream used it (e.g. it fed a Zero cell)
       for source, source_ct in zip(sources, (ct,) * len(sources) if vjp is None
-                                   else _backward(vjp, ct)):
+                                   else self.call(_backward, vjp, ct)):
         if source is None:
           continue
         bucket, key = (leaves, source.key) if isinstance(source, Leaf) else (pending,
                                                                              id(source))
-        bucket[key] = source_ct if key not in bucket else _accumulate(bucket[key],
-                                                                       source_ct)
+        bucket[key] = (source_ct if key not in bucket
+                       else self.call(_accumulate, bucket[key], source_ct))
     return leaves
+
+
+_compiled_outputs: dict[tuple, concurrent.futures.Future] = {}
+_compiled_outputs_lock = threading.Lock()
+
+
+def _compile_once(program: Callable, args: tuple, static: dict) -> Any:
+  """Compile ``program`` for these arguments' shapes and shardings and return its output
+  shapes; a program another compile-only pass compiles (or compiled) is waited for."""
+  signature = tuple((a.shape, a.dtype, getattr(a, "weak_type", False),
+                     getattr(a, "sharding", None)) if hasattr(a, "shape") else type(a)
+                    for a in jax.tree.leaves(args))
+  key = (program, jax.tree.structure(args), signature, tuple(sorted(static.items())))
+  with _compiled_outputs_lock:
+    future = _compiled_outputs.get(key)
+    compiling_here = future is None
+    if compiling_here:
+      future = _compiled_outputs[key] = concurrent.futures.Future()
+  if compiling_here:
+    try:
+      future.set_result(program.lower(*args, **static).compile().out_info)
+    except BaseException as error:
+      with _compiled_outputs_lock:
+        del _compiled_outputs[key]
+      future.set_exception(error)
+  return future.result()
 
 
 # Sums cotangents that reach one source from several consumers (arrays or param trees).
@@ -321,24 +367,33 @@ def _subsample_vjp(x: jax.Array, stride: int) -> tuple[jax.Array, Any]:
 
 
 def _cell_forward(shape: LayerShape, op: Op, x: jax.Array, params: dict, stats: dict,
-                  spec: SupernetSpec, layer: str, run: PathRun | None) -> jax.Array:
-  """Run one candidate; ``run`` None evaluates it without gradients or new statistics."""
+                  spec: SupernetSpec, layer: str, run: PathRun, differentiate: bool = True
+                  ) -> jax.Array:
+  """Run one candidate; with ``differentiate`` False, evaluate it without gradients or
+  new statistics (nothing is recorded on the tape)."""
   if op == netspec.ZERO:
     return cells.zero_output(x, shape.out_channels, shape.stride)
 
   def apply_op(name, module_class, kwargs, *inputs):
     entry = bank_entry(name, op)
     frozen = _op_kwargs(module_class, kwargs, spec.bn)
-    if run is None:
-      return _jitted_op(module_class, frozen)(params[entry], stats[entry], *inputs)[0]
-    out, vjp, new_stats = _jitted_op_vjp(module_class, frozen, True)(
-        params[entry], stats[entry], *inputs)
+    if not differentiate:
+      return run.call(_jitted_op(module_class, frozen), params[entry], stats[entry],
+                      *inputs)[0]
+    out, vjp, new_stats = run.call(_jitted_op_vjp(module_class, frozen, True),
+                                   params[entry], stats[entry], *inputs)
     key = ("layers", layer, entry)
     run.batch_stats[key] = new_stats
     run.used.add(key)
     return run.record(out, vjp, (Leaf(key), *inputs))
 
-  add, subsample = (_jitted_add, ops.subsample) if run is None else (run.add, run.subsample)
+  def subsample(v, stride):
+    return v if stride == 1 else run.call(_subsample_vjp, v, stride)[0]
+
+  if differentiate:
+    add, subsample = run.add, run.subsample
+  else:
+    add = functools.partial(run.call, _jitted_add)
   return cells.cell_dataflow(op, x, shape.out_channels, shape.stride, False, apply_op, add,
                              subsample)
 
@@ -385,7 +440,7 @@ def forward_path(spec: SupernetSpec, params: dict, batch_stats: dict, alpha: jax
 
   def run_fixed(name, x, wrt_inputs=True):
     fn = _jitted_op_vjp(type(fixed[name]), _fixed_kwargs(fixed[name]), wrt_inputs)
-    out, vjp, run.batch_stats[(name,)] = fn(params[name], batch_stats[name], x)
+    out, vjp, run.batch_stats[(name,)] = run.call(fn, params[name], batch_stats[name], x)
     return run.record(out, vjp, (Leaf((name,)), x) if wrt_inputs else (Leaf((name,)),))
 
   if estimator not in ("sampled", "proxyless"):
@@ -400,9 +455,10 @@ def forward_path(spec: SupernetSpec, params: dict, batch_stats: dict, alpha: jax
       others = ()
       if estimator == "proxyless":
         others = tuple(y if j == choice else
-                       _cell_forward(shape, op, x, lp, ls, spec, name, None)
+                       _cell_forward(shape, op, x, lp, ls, spec, name, run, False)
                        for j, op in enumerate(ops_i))
-      gated, vjp = _gate_vjp(y, alpha, mask, i, choice, others, estimator)
+      gated, vjp = run.call(_gate_vjp, y, alpha, mask, i, choice, others,
+                            estimator=estimator)
       y = run.record(gated, vjp, (y, ALPHA))
     x = run.add(x, y) if shape.has_shortcut else y
   return run_fixed("head", x)
@@ -574,14 +630,9 @@ class SupernetTrainer:
     """Forward the path and run its tape backward; returns (metrics, grads, alpha_grad,
     run). ``grads`` holds an entry for every fixed part and every bank entry of the
     sampled cells (zeros where the loss does not depend on it, as autodiff would give)."""
-    images, labels = self.shard(batch)
     run = PathRun()
-    logits = forward_path(self.spec, state.params, state.batch_stats,
-                          state.alpha if train_alpha else None, images, candidates, path,
-                          self.estimator, run, self.alpha_mask)
-    ce, logits_ct = _cross_entropy_and_grad(logits, labels,
-                                            label_smoothing=self.label_smoothing)
-    leaves = run.backward(logits, logits_ct)
+    logits, labels, ce, leaves = self._forward_backward(state, batch, candidates, path,
+                                                        train_alpha, run)
     alpha_grad = None
     if train_alpha:
       alpha_grad = leaves.pop(ALPHA.key, None)
@@ -600,6 +651,32 @@ class SupernetTrainer:
         grads[key[0]] = grad
     metrics = {"loss": ce, "accuracy": accuracy(logits, labels)}
     return metrics, grads, alpha_grad, run
+
+  def _forward_backward(self, state: TrainState, batch: dict,
+                        candidates: Sequence[Sequence[Op]], path: Sequence[int],
+                        train_alpha: bool, run: PathRun) -> tuple[Any, Any, Any, dict]:
+    """(logits, labels, loss, leaf cotangents) of one step on ``path``, taped on ``run``."""
+    images, labels = self.shard(batch)
+    logits = forward_path(self.spec, state.params, state.batch_stats,
+                          state.alpha if train_alpha else None, images, candidates, path,
+                          self.estimator, run, self.alpha_mask)
+    ce, logits_ct = run.call(_cross_entropy_and_grad, logits, labels,
+                             label_smoothing=self.label_smoothing)
+    return logits, labels, ce, run.backward(logits, logits_ct)
+
+  def compile_path(self, state: TrainState, batch: dict, candidates: Sequence[Sequence[Op]],
+                   path: Sequence[int], train_alpha: bool) -> None:
+    """Compile, without running anything, the programs a step on ``path`` calls: op
+    forwards and VJPs, the glue between them and the updates of the entries that get
+    gradients. `Precompiler` runs this on background threads ahead of the steps."""
+    run = PathRun(compile_only=True)
+    _, _, _, leaves = self._forward_backward(state, batch, candidates, path, train_alpha,
+                                             run)
+    learning_rate = self.learning_rate(state.step)
+    for key, grad in leaves.items():
+      if key != ALPHA.key:
+        run.call(self._entry_update, _get(state.params, key), _get(state.opt_state, key),
+                 grad, learning_rate)
 
   def _trained_entries(self, params, candidates, path) -> list[tuple[str, ...]]:
     """The fixed parts and the bank entries of the sampled cells."""
