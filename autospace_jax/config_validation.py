@@ -217,6 +217,7 @@ def _check_top_level(config: ml_collections.ConfigDict) -> None:
   _int(config, "seed", 0, 2**32 - 1)
   _str(config, "workdir")
   _int(config, "log_every_steps", 1)
+  _int(config, "precompile_threads", 0, 64)
   _int(config, "checkpoint.every_steps", 1)
   _int(config, "checkpoint.max_to_keep", 1)
 

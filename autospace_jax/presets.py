@@ -87,6 +87,8 @@ def imagenet() -> ml_collections.ConfigDict:
   config.checkpoint.every_steps = 1000
   config.checkpoint.max_to_keep = 3
   config.log_every_steps = 50
+  # Threads compiling supernet programs ahead of the steps that need them (0: none).
+  config.precompile_threads = 2
   return config
 
 

@@ -11,11 +11,12 @@ is the top-K cells per layer: `learned_space.config` (official format) and
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import ml_collections
@@ -26,6 +27,7 @@ from autospace_jax import evolution
 from autospace_jax import genome as genome_lib
 from autospace_jax import input_pipeline
 from autospace_jax import netspec
+from autospace_jax import precompile
 from autospace_jax import progress
 from autospace_jax import supernet
 from autospace_jax.parallel import DataParallel
@@ -106,6 +108,7 @@ class SpaceSearch:
         supernet.alpha_optimizer(self.cfg.alpha_learning_rate, self.cfg.alpha_b1,
                                  self.cfg.alpha_b2),
         self.cfg.label_smoothing, self.cfg.estimator, self.parallel)
+    self.precompiler = precompile.Precompiler(self.trainer, config.precompile_threads)
 
   # --- evolution schedule ---
 
@@ -180,6 +183,22 @@ class SpaceSearch:
         self.config.data, "search_train", self.cfg.batch_size, seed=self.config.seed,
         start_step=run.step, process_index=jax.process_index(),
         process_count=jax.process_count())
+    try:
+      state = self._train(state, run, data, ckpt)
+    finally:
+      self.precompiler.close()
+    ckpt.wait()
+    ckpt.close()
+    self.finish(run, state)
+    return self.write_outputs(run)
+
+  def _train(self, state: supernet.TrainState, run: SpaceRun, data: Iterator[dict],
+             ckpt: checkpointing.Checkpointer) -> supernet.TrainState:
+    """The training loop from ``run.step`` on: steps, evolution rounds, checkpoints."""
+    if run.step < self.total_steps:
+      first_batch = next(data)
+      data = itertools.chain([first_batch], data)
+      self.precompile(state, run, first_batch)
     bar = progress.Bar(self.total_steps, "space", initial=run.step)
     f = self.cfg.mutation_interval
     while run.step < self.total_steps:
@@ -199,10 +218,20 @@ class SpaceSearch:
       ckpt.save_on_schedule(run.step, state, run.to_json(),
                             self.config.checkpoint.every_steps, self.total_steps)
     bar.close()
-    ckpt.wait()
-    ckpt.close()
-    self.finish(run, state)
-    return self.write_outputs(run)
+    return state
+
+  def precompile(self, state: supernet.TrainState, run: SpaceRun, batch: dict) -> None:
+    """Queue the compiling of every current candidate (the first steps wait for these),
+    then of paths covering every program a feasible cell can call (so later cells find
+    theirs compiled)."""
+    candidates = run.candidates()
+    evolving = run.step >= self.warmup_steps
+    for j in range(self.cfg.num_cells):
+      self.precompiler.submit(state, batch, candidates, [j] * len(candidates), evolving)
+    all_genomes = list(genome_lib.all_genomes(self.cfg.codes))
+    self.precompiler.submit_covering(
+        state, batch, [[g for g in all_genomes if self._feasible(layer, False)(g)]
+                       for layer in range(len(self.shapes))], self.cfg.num_cells)
 
   def train_step(self, state, run: SpaceRun, batch: dict, evolving: bool):
     candidates = run.candidates()
@@ -211,6 +240,7 @@ class SpaceSearch:
     else:
       probs = np.full((len(candidates), self.cfg.num_cells), 1.0 / self.cfg.num_cells)
     path = supernet.sample_path(probs, self._rng(3, run.step))
+    self.precompiler.wait_for(candidates, path, evolving)
     metrics, grads, alpha_grad, path_run = self.trainer.loss_and_grads(
         state, batch, candidates, path, train_alpha=evolving)
     supernet.check_finite(metrics["loss"], "space", run.step)

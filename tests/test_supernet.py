@@ -16,12 +16,12 @@ ATTENTION_CELL = genome_lib.from_matrix([[0, 0, 0, 1], [3, 0, 0, [1, 1]], [5, 2,
                                          [1, 3, 2, 0]])
 
 
-def make_trainer(estimator="sampled", momentum=0.9):
+def make_trainer(estimator="sampled", momentum=0.9, parallel=None):
   config = tiny_config()
   spec = space_search.supernet_spec(config, 10, (3, 5))
   trainer = supernet.SupernetTrainer(
       spec, 0.1, 1e-3, momentum, supernet.alpha_optimizer(0.01),
-      0.1, estimator, DataParallel())
+      0.1, estimator, parallel or DataParallel())
   return spec, trainer
 
 

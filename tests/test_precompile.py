@@ -1,0 +1,177 @@
+"""Background precompiling: the programs a step needs are compiled before it runs, the loop
+waits only for what its path needs, and results do not depend on it."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import jax
+import pytest
+
+from autospace_jax import genome as genome_lib
+from autospace_jax import precompile
+from autospace_jax import space_search
+from autospace_jax import supernet
+from conftest import short_schedule, tiny_config
+from test_supernet import ATTENTION_CELL, batch, candidates_for, make_trainer, step
+
+ROOT = Path(__file__).resolve().parents[1]
+OP_PROGRAMS = ("jit(forward)", "jit(apply)", "jit(<lambda>)", "jit(update)", "jit(add_all)",
+               "jit(_gate_vjp)", "jit(_subsample_vjp)", "jit(_cross_entropy_and_grad)")
+
+
+def compiled_programs():
+  """Names of the programs compiled on this thread from now on."""
+  names = []
+  thread = threading.current_thread()
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, duration, **kw: names.append(kw.get("fun_name"))
+      if event == "/jax/core/compile/backend_compile_duration"
+      and threading.current_thread() is thread else None)
+  return names
+
+
+@pytest.mark.parametrize("estimator", ["sampled", "proxyless"])
+def test_after_a_compile_only_pass_a_step_on_that_path_compiles_no_supernet_program(
+    estimator):
+  spec, trainer = make_trainer(estimator)
+  state = trainer.init(0, 3)
+  # One real step compiles what every step shares; the other cells stay uncompiled.
+  state, _ = step(trainer, state, [[genome_lib.irb(3, 3)] * 3 for _ in spec.layers],
+                  [0] * 6, 0)
+  cands = candidates_for(spec)
+  path = [0, 1, 2, 2, 1, 0]
+  trainer.compile_path(trainer.init(1, 3), batch(5), cands, path, True)
+  names = compiled_programs()
+  state, _ = step(trainer, state, cands, path, 1)
+  jax.block_until_ready(state)
+  assert [n for n in names if n in OP_PROGRAMS] == []
+
+
+_ON_EIGHT_DEVICES = textwrap.dedent('''
+    import json, threading
+    import jax
+    from autospace_jax.parallel import DataParallel
+    from test_precompile import OP_PROGRAMS, compiled_programs
+    from test_supernet import batch, candidates_for, make_trainer, step
+
+    spec, trainer = make_trainer(parallel=DataParallel())
+    state = trainer.init(0, 3)
+    cands = candidates_for(spec)
+    state, _ = step(trainer, state, cands, [0] * 6, 0)
+    pass_thread = threading.Thread(target=trainer.compile_path,
+                                   args=(state, batch(1), cands, [1, 2, 1, 2, 1, 2], True))
+    pass_thread.start()
+    pass_thread.join()
+    names = compiled_programs()
+    state, _ = step(trainer, state, cands, [1, 2, 1, 2, 1, 2], 1)
+    jax.block_until_ready(state)
+    print(json.dumps({"devices": len(state.alpha.sharding.device_set),
+                      "compiled": [n for n in names if n in OP_PROGRAMS]}))
+''')
+
+
+def test_a_pass_on_another_thread_compiles_the_programs_of_an_eight_device_step():
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+         "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "PJRT_NPROC": "16"}  # see test_data_parallel.py
+  result = subprocess.run([sys.executable, "-c", _ON_EIGHT_DEVICES], env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-5000:]
+  out = json.loads(result.stdout.strip().splitlines()[-1])
+  assert out == {"devices": 8, "compiled": []}
+
+
+def test_a_compile_only_pass_changes_no_state():
+  spec, trainer = make_trainer()
+  state = trainer.init(0, 3)
+  before = jax.device_get(state)
+  trainer.compile_path(state, batch(0), candidates_for(spec), [2] * 6, True)
+  after = jax.device_get(state)
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+    assert (a == b).all()
+
+
+def test_covering_cells_make_every_call_any_genome_makes():
+  genomes = list(genome_lib.all_genomes((1, 2, 3, 5)))
+  chosen = precompile.covering_cells(genomes)
+  assert set(chosen) <= set(genomes)
+  assert len(chosen) < 30  # a few paths, not thousands
+  made = set().union(*(supernet.cell_calls(g) for g in chosen))
+  assert made == set().union(*(supernet.cell_calls(g) for g in genomes))
+
+
+def test_covering_paths_give_every_layer_its_covering_cells():
+  layers = [[genome_lib.irb(3, 6), genome_lib.irb(5, 3), ATTENTION_CELL],
+            [genome_lib.irb(3, 6)]]
+  paths = precompile.covering_paths(layers)
+  assert all(len(p) == 2 for p in paths)
+  for i, genomes in enumerate(layers):
+    assert {p[i] for p in paths} == set(precompile.covering_cells(genomes))
+
+
+class BlockingTrainer:
+  """Stands in for the trainer to hold a pass open until the test releases it."""
+
+  def __init__(self, fail=False):
+    self.release = threading.Event()
+    self.fail = fail
+
+  def compile_path(self, state, batch, candidates, path, train_alpha):
+    self.release.wait(timeout=30)
+    if self.fail:
+      raise RuntimeError("compile failed")
+
+
+CELLS = [[genome_lib.irb(3, 6), genome_lib.irb(5, 3)]] * 2
+
+
+def test_the_loop_waits_for_a_queued_pass_over_its_cells_and_not_for_others():
+  trainer = BlockingTrainer()
+  precompiler = precompile.Precompiler(trainer, threads=1)
+  precompiler.submit(None, None, CELLS, [0, 0], False)
+  # Cells no queued pass compiles: nothing to wait for.
+  precompiler.wait_for(CELLS, [1, 1], False)
+  waiter = threading.Thread(target=precompiler.wait_for, args=(CELLS, [0, 1], False))
+  waiter.start()
+  waiter.join(timeout=0.5)
+  assert waiter.is_alive()  # layer 0's cell is in the pass still held open
+  trainer.release.set()
+  waiter.join(timeout=30)
+  assert not waiter.is_alive()
+  precompiler.close()
+
+
+def test_a_failed_pass_is_logged_and_the_step_compiles_for_itself(caplog):
+  trainer = BlockingTrainer(fail=True)
+  trainer.release.set()
+  precompiler = precompile.Precompiler(trainer, threads=1)
+  with caplog.at_level(logging.WARNING):
+    precompiler.submit(None, None, CELLS, [0, 0], False)
+    precompiler.wait_for(CELLS, [0, 0], False)
+  assert "precompiling a supernet path failed" in caplog.text
+  precompiler.close()
+
+
+def test_no_threads_means_no_passes():
+  trainer = BlockingTrainer()
+  precompiler = precompile.Precompiler(trainer, threads=0)
+  precompiler.submit(None, None, CELLS, [0, 0], False)
+  precompiler.wait_for(CELLS, [0, 0], False)  # would block if a pass had been queued
+  assert precompiler.seconds_waited == 0.0
+
+
+def test_stage_one_learns_the_same_space_with_and_without_precompile_threads(tmp_path):
+  outputs = []
+  for threads in (0, 2):
+    config = short_schedule(tiny_config(), warmup=0.1, main=0.3)
+    config.precompile_threads = threads
+    workdir = tmp_path / f"threads{threads}"
+    space_search.SpaceSearch(config, str(workdir)).run()
+    outputs.append(json.loads((workdir / "space" / space_search.SPACE_JSON).read_text()))
+  assert outputs[0] == outputs[1]
