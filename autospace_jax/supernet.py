@@ -110,13 +110,28 @@ def _module_apply(module: flax.linen.Module) -> Callable:
   return apply
 
 
-@functools.lru_cache(maxsize=None)
+def _built_once(factory: Callable) -> Callable:
+  """Cache ``factory``'s results, building each once even when threads ask at the same
+  time: the training loop and precompile threads must share one jitted function per op,
+  as its compiled programs live in it."""
+  cached = functools.lru_cache(maxsize=None)(factory)
+  lock = threading.Lock()
+
+  @functools.wraps(factory)
+  def build(*args):
+    with lock:
+      return cached(*args)
+
+  return build
+
+
+@_built_once
 def _jitted_op(module_class: type, frozen_kwargs: tuple) -> Callable:
   """One jitted forward per op kind (no gradients); jit's cache keys it by shapes."""
   return jax.jit(_module_apply(module_class(**dict(frozen_kwargs))))
 
 
-@functools.lru_cache(maxsize=None)
+@_built_once
 def _jitted_op_vjp(module_class: type, frozen_kwargs: tuple, wrt_inputs: bool) -> Callable:
   """The op's forward that also returns its VJP: ``(out, vjp, new_stats)``.
 
