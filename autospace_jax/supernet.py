@@ -402,13 +402,11 @@ def _cell_forward(shape: LayerShape, op: Op, x: jax.Array, params: dict, stats: 
     run.used.add(key)
     return run.record(out, vjp, (Leaf(key), *inputs))
 
-  def subsample(v, stride):
+  def untaped_subsample(v, stride):
     return v if stride == 1 else run.call(_subsample_vjp, v, stride)[0]
 
-  if differentiate:
-    add, subsample = run.add, run.subsample
-  else:
-    add = functools.partial(run.call, _jitted_add)
+  add, subsample = ((run.add, run.subsample) if differentiate else
+                    (functools.partial(run.call, _jitted_add), untaped_subsample))
   return cells.cell_dataflow(op, x, shape.out_channels, shape.stride, False, apply_op, add,
                              subsample)
 
