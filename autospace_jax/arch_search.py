@@ -15,7 +15,7 @@ import functools
 import json
 import logging
 import os
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +27,7 @@ from autospace_jax import counting
 from autospace_jax import genome as genome_lib
 from autospace_jax import input_pipeline
 from autospace_jax import netspec
+from autospace_jax import precompile
 from autospace_jax import progress
 from autospace_jax import space_search
 from autospace_jax import supernet
@@ -189,6 +190,7 @@ class ArchSearch:
         self.spec, schedule, self.cfg.weight_decay, self.cfg.momentum,
         supernet.alpha_optimizer(self.cfg.alpha_learning_rate),
         self.cfg.label_smoothing, self.cfg.estimator, self.parallel, self.mask)
+    self.precompiler = precompile.Precompiler(self.trainer, config.precompile_threads)
 
   def madds_range(self) -> tuple[int, int]:
     """MAdds of the cheapest and of the most expensive net in this space."""
@@ -220,6 +222,7 @@ class ArchSearch:
     probs = supernet.softmax_np(self._masked_alpha(alpha) if searching else
                                 np.where(self.mask, 0.0, -np.inf))
     path = supernet.sample_path(probs, np.random.default_rng([self.config.seed, 4, step]))
+    self.precompiler.wait_for(self.candidates, path, searching)
     metrics, grads, alpha_grad, run = self.trainer.loss_and_grads(
         state, batch, self.candidates, path, train_alpha=searching,
         alpha_loss=self.alpha_gradient)
@@ -236,6 +239,21 @@ class ArchSearch:
     data = input_pipeline.make_iterator(
         self.config.data, "search_train", self.cfg.batch_size, seed=self.config.seed,
         start_step=step, process_index=jax.process_index(), process_count=jax.process_count())
+    try:
+      state = self._train(state, step, data, ckpt)
+    finally:
+      self.precompiler.close()
+    ckpt.wait()
+    ckpt.close()
+    return self.write_outputs(np.asarray(jax.device_get(state.alpha), np.float64))
+
+  def _train(self, state: supernet.TrainState, step: int, data: Iterator[dict],
+             ckpt: checkpointing.Checkpointer) -> supernet.TrainState:
+    """The search loop from ``step`` on, after queueing the compiling of every candidate."""
+    if step < self.total_steps:
+      batch, data = precompile.first_batch(data)
+      self.precompiler.submit_candidates(state, batch, self.candidates,
+                                         step >= self.warmup_steps)
     bar = progress.Bar(self.total_steps, f"search {self.space_name} {self.target.tag}",
                        initial=step)
     while step < self.total_steps:
@@ -248,9 +266,7 @@ class ArchSearch:
       ckpt.save_on_schedule(step, state, {"step": step}, self.config.checkpoint.every_steps,
                             self.total_steps)
     bar.close()
-    ckpt.wait()
-    ckpt.close()
-    return self.write_outputs(np.asarray(jax.device_get(state.alpha), np.float64))
+    return state
 
   def _init_state(self):
     return self.trainer.init(self.config.seed + 1, self.mask.shape[1])

@@ -6,19 +6,20 @@ shape is reached (0.05-0.3 s each on XLA:CPU). Rather than stop the training loo
 each one, a `Precompiler` compiles them ahead, in compile-only passes
 (`SupernetTrainer.compile_path`: programs are lowered and compiled, nothing runs, so the
 passes are safe on any mesh and on every host), on worker threads: first one path through
-each of the current candidates, which the loop waits for; then a few paths that together
-make every program call a feasible cell of each layer can make, so the cells that
-mutation brings in later find their programs compiled.
+each of the current candidates, which the loop waits for; then (stage 1) a few paths that
+together make every program call a feasible cell of each layer can make, so the cells
+that mutation brings in later find their programs compiled.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import functools
+import itertools
 import logging
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from autospace_jax import supernet
 
@@ -52,6 +53,13 @@ def covering_paths(layer_genomes: Sequence[Sequence[supernet.Op]]
           for p in range(max(map(len, covers), default=0))]
 
 
+def first_batch(data: Iterator[dict]) -> tuple[dict, Iterator[dict]]:
+  """The next batch, and the iterator with it put back: passes need a batch's shapes
+  before the first step takes it."""
+  batch = next(data)
+  return batch, itertools.chain([batch], data)
+
+
 class Precompiler:
   """Queues compile-only passes over supernet paths on ``threads`` worker threads
   (0: none; every program then compiles when a step first calls it)."""
@@ -73,6 +81,14 @@ class Precompiler:
     if self._threads:
       self._submit(self._open_pool(), state, batch, candidates, path, train_alpha,
                    waited_for=True)
+
+  def submit_candidates(self, state: supernet.TrainState, batch: dict,
+                        candidates: Sequence[Sequence[supernet.Op]], train_alpha: bool
+                        ) -> None:
+    """Queue one pass per candidate index: together they compile every candidate."""
+    for j in range(max(map(len, candidates), default=0)):
+      self.submit(state, batch, candidates, [min(j, len(c) - 1) for c in candidates],
+                  train_alpha)
 
   def submit_covering(self, state: supernet.TrainState, batch: dict,
                       layer_genomes: Sequence[Sequence[supernet.Op]], num_candidates: int

@@ -11,7 +11,6 @@ is the top-K cells per layer: `learned_space.config` (official format) and
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import logging
 import os
@@ -196,9 +195,8 @@ class SpaceSearch:
              ckpt: checkpointing.Checkpointer) -> supernet.TrainState:
     """The training loop from ``run.step`` on: steps, evolution rounds, checkpoints."""
     if run.step < self.total_steps:
-      first_batch = next(data)
-      data = itertools.chain([first_batch], data)
-      self.precompile(state, run, first_batch)
+      batch, data = precompile.first_batch(data)
+      self.precompile(state, run, batch)
     bar = progress.Bar(self.total_steps, "space", initial=run.step)
     f = self.cfg.mutation_interval
     while run.step < self.total_steps:
@@ -224,10 +222,8 @@ class SpaceSearch:
     """Queue the compiling of every current candidate (the first steps wait for these),
     then of paths covering every program a feasible cell can call (so later cells find
     theirs compiled)."""
-    candidates = run.candidates()
-    evolving = run.step >= self.warmup_steps
-    for j in range(self.cfg.num_cells):
-      self.precompiler.submit(state, batch, candidates, [j] * len(candidates), evolving)
+    self.precompiler.submit_candidates(state, batch, run.candidates(),
+                                       run.step >= self.warmup_steps)
     all_genomes = list(genome_lib.all_genomes(self.cfg.codes))
     self.precompiler.submit_covering(
         state, batch, [[g for g in all_genomes if self._feasible(layer, False)(g)]

@@ -158,6 +158,34 @@ def test_a_failed_pass_is_logged_and_the_step_compiles_for_itself(caplog):
   precompiler.close()
 
 
+class RecordingTrainer:
+  """Stands in for the trainer to record which paths passes were queued for."""
+
+  def __init__(self):
+    self.paths = []
+
+  def compile_path(self, state, batch, candidates, path, train_alpha):
+    self.paths.append((list(path), train_alpha))
+
+
+def test_candidate_passes_together_compile_every_candidate_of_every_layer():
+  trainer = RecordingTrainer()
+  precompiler = precompile.Precompiler(trainer, threads=1)
+  ragged = [[genome_lib.irb(3, 6), genome_lib.irb(5, 3), ATTENTION_CELL],
+            [genome_lib.irb(3, 6)]]
+  precompiler.submit_candidates(None, None, ragged, True)
+  precompiler.wait_for(ragged, [2, 0], True)
+  precompiler.wait_for(ragged, [1, 0], True)
+  precompiler.close()
+  assert sorted(trainer.paths) == [([0, 0], True), ([1, 0], True), ([2, 0], True)]
+
+
+def test_first_batch_puts_the_batch_back_for_the_first_step():
+  batch, data = precompile.first_batch(iter([{"step": 0}, {"step": 1}]))
+  assert batch == {"step": 0}
+  assert list(data) == [{"step": 0}, {"step": 1}]
+
+
 def test_no_threads_means_no_passes():
   trainer = BlockingTrainer()
   precompiler = precompile.Precompiler(trainer, threads=0)
