@@ -178,3 +178,12 @@ def test_proxyless_estimator_gradient_matches_its_formula_and_zero_gets_signal()
   np.testing.assert_allclose(g.sum(-1), 0.0, atol=1e-6)
   assert np.all(np.abs(g).sum(-1) > 0), "every layer's α must get a gradient"
 
+
+
+def test_supernet_programs_use_the_fast_compile_options_this_xla_accepts_on_cpu_only():
+  accepted = supernet.compile_options("cpu")
+  assert accepted, "no CPU compile option accepted: supernet compiles would double"
+  assert accepted.items() <= supernet.CPU_COMPILE_OPTIONS.items()
+  assert supernet.compile_options("gpu") == {} == supernet.compile_options("tpu")
+  x = jnp.ones((2, 3))
+  assert float(supernet._accumulate(x, x).sum()) == 12.0  # a program compiled with them
