@@ -24,6 +24,7 @@ import numpy as np
 
 from autospace_jax import checkpointing
 from autospace_jax import counting
+from autospace_jax import distributed
 from autospace_jax import genome as genome_lib
 from autospace_jax import input_pipeline
 from autospace_jax import netspec
@@ -288,6 +289,7 @@ class ArchSearch:
       netspec.save_net(net, os.path.join(self.workdir, NET_FILE))
       with open(os.path.join(self.workdir, RESULT_FILE), "w") as f:
         json.dump(result, f, indent=1)
+    distributed.sync_processes("searched net written")  # stage 3 loads it on every host
     print(f"search {self.space_name} target {self.target.madds:,}: params={cost.params:,} "
           f"madds={cost.madds:,} ({result['madds_error']:+.1%})")
     return result

@@ -33,6 +33,7 @@ import os
 from collections.abc import Mapping
 
 import jax
+from jax.experimental import multihost_utils
 
 COORDINATOR_VAR = 'AUTOSPACE_COORDINATOR'
 NUM_PROCESSES_VAR = 'AUTOSPACE_NUM_PROCESSES'
@@ -128,3 +129,11 @@ def maybe_initialize(
 def is_main_process() -> bool:
   """True on process 0, the one that writes reports and logs."""
   return jax.process_index() == 0
+
+
+def sync_processes(name: str) -> None:
+  """Return once every process got here (at once with one process): what process 0
+  wrote before it, such as a stage's outputs the next stage loads, is then there for
+  the others to read."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)

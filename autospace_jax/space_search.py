@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 
 from autospace_jax import checkpointing
+from autospace_jax import distributed
 from autospace_jax import evolution
 from autospace_jax import genome as genome_lib
 from autospace_jax import input_pipeline
@@ -268,6 +269,7 @@ class SpaceSearch:
       with open(os.path.join(self.workdir, SPACE_JSON), "w") as f:
         json.dump({"layers": [dataclasses.asdict(s) for s in self.shapes], "cells": records,
                    "history": run.history, "steps": run.step}, f)
+    distributed.sync_processes("learned space written")  # stage 2 loads it on every host
     return {"space": space, "records": records, "history": run.history}
 
 

@@ -3,7 +3,8 @@
 Each process joins a `jax.distributed` job on localhost (one CPU device each, collectives
 over Gloo), runs stage 1 in a shared work directory (as hosts share a bucket, so Orbax
 writes one checkpoint for both) and reports its populations and its own replica of the
-weights; the test compares the two.
+weights; the test compares the two, and checks that both can load the learned space
+as soon as stage 1 returns.
 """
 
 import json
@@ -27,11 +28,19 @@ _HOST = textwrap.dedent('''
     process_id, port, workdir, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
     jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
                                process_id=process_id)
+    import os, time
     import numpy as np
-    from autospace_jax import space_search, supernet
+    from autospace_jax import netspec, space_search, supernet
     from autospace_jax.parallel import DataParallel
     from conftest import short_schedule, tiny_config
 
+    save_space = netspec.save_space
+
+    def slow_save_space(space, path):  # process 0 writes late, as on a slow bucket
+      time.sleep(3)
+      save_space(space, path)
+
+    netspec.save_space = slow_save_space
     final = {}
     finish = space_search.SpaceSearch.finish
 
@@ -46,6 +55,8 @@ _HOST = textwrap.dedent('''
     config.checkpoint.every_steps = 2
     search = space_search.SpaceSearch(config, workdir, DataParallel(), None)
     result = search.run()
+    # Stage 2 loads the learned space on every host as soon as stage 1 returns.
+    loaded = netspec.load_space(os.path.join(workdir, "space", "learned_space.config"))
     state = final["state"]
     local = lambda x: np.asarray(x.addressable_shards[0].data)  # this host's replica
     trees = {"params": state.params, "batch_stats": state.batch_stats,
@@ -60,7 +71,8 @@ _HOST = textwrap.dedent('''
         "process": [jax.process_index(), jax.process_count()],
         "devices": [len(jax.devices()), len(jax.local_devices())],
         "steps": [search.warmup_steps, search.total_steps, int(local(state.step))],
-        "params_moved": moved, "run": final["run"], "records": result["records"]}))
+        "params_moved": moved, "run": final["run"], "records": result["records"],
+        "loaded_space": [[g.describe() for g in cells] for cells in loaded]}))
 ''')
 
 
@@ -128,3 +140,7 @@ def test_two_processes_agree_on_populations_and_weights_through_stage_1(tmp_path
   assert {int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()} == {2, STEPS}
   learned = json.loads((workdir / "space" / "learned_space.json").read_text())
   assert learned["cells"] == first["records"] and learned["steps"] == STEPS
+  # Stage 1 returned on neither host before process 0 had written the space (it waited
+  # 3 s before writing), so both loaded the space they had learned.
+  learned_space = [[cell["description"] for cell in layer] for layer in first["records"]]
+  assert first["loaded_space"] == second["loaded_space"] == learned_space
