@@ -17,6 +17,7 @@ import logging
 import os
 from typing import Any, Iterator, Sequence
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -231,7 +232,7 @@ class ArchSearch:
     return self.trainer.apply(state, grads, alpha_grad if searching else None, run), metrics
 
   def run(self) -> dict:
-    os.makedirs(self.workdir, exist_ok=True)
+    epath.Path(self.workdir).mkdir(parents=True, exist_ok=True)
     self.warn_if_unreachable()
     ckpt = checkpointing.Checkpointer(os.path.join(self.workdir, "checkpoints"),
                                       self.config.checkpoint.max_to_keep)
@@ -287,8 +288,7 @@ class ArchSearch:
                            for op in ops]}
     if jax.process_index() == 0:
       netspec.save_net(net, os.path.join(self.workdir, NET_FILE))
-      with open(os.path.join(self.workdir, RESULT_FILE), "w") as f:
-        json.dump(result, f, indent=1)
+      (epath.Path(self.workdir) / RESULT_FILE).write_text(json.dumps(result, indent=1))
     distributed.sync_processes("searched net written")  # stage 3 loads it on every host
     print(f"search {self.space_name} target {self.target.madds:,}: params={cost.params:,} "
           f"madds={cost.madds:,} ({result['madds_error']:+.1%})")
@@ -323,10 +323,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, space_path: str | None,
   results = []
   for name, space in spaces.items():
     for target in targets:
-      path = result_path(workdir, name, target)
-      if os.path.exists(path):
-        with open(path) as f:
-          results.append(json.load(f))
+      path = epath.Path(result_path(workdir, name, target))
+      if path.exists():
+        results.append(json.loads(path.read_text()))
         continue
       results.append(ArchSearch(config, workdir, space, name, target, parallel,
                                 writer).run())

@@ -17,6 +17,7 @@ from typing import Sequence
 from absl import app
 from absl import flags
 from absl import logging
+from etils import epath
 from ml_collections import config_flags
 
 from autospace_jax import config_validation
@@ -117,14 +118,10 @@ class _OrbaxInfoFilter(std_logging.Filter):
 def write_config_record(config, workdir: str) -> None:
   """`workdir/config.json`, rewritten only when the config changed (a rerun of a finished
   job with the same command leaves every file untouched)."""
-  path = os.path.join(workdir, "config.json")
+  path = epath.Path(workdir) / "config.json"
   text = json.dumps(config.to_dict(), indent=1, default=list)
-  if os.path.exists(path):
-    with open(path) as f:
-      if f.read() == text:
-        return
-  with open(path, "w") as f:
-    f.write(text)
+  if not (path.exists() and path.read_text() == text):
+    path.write_text(text)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -139,8 +136,9 @@ def main(argv: Sequence[str]) -> None:
     sys.exit(2)
   logging.get_absl_handler().addFilter(_OrbaxInfoFilter())
   distributed.maybe_initialize()
-  os.makedirs(workdir, exist_ok=True)
-  write_config_record(config, workdir)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  if distributed.is_main_process():
+    write_config_record(config, workdir)
   logging.info("workdir: %s", workdir)
 
   from autospace_jax import checkpointing  # noqa: PLC0415

@@ -17,9 +17,26 @@ from typing import Any
 import jax
 import numpy as np
 import tensorboardX
+from etils import epath
+from tensorboardX import record_writer
 
 JSONL_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
+
+
+class _EpathEventFiles:
+  """tensorboardX's writer factory for `gs://` logdirs: event files go through
+  etils.epath like every other file in the work directory (tensorboardX's own GCS
+  writer would need google-cloud-storage)."""
+
+  def open(self, path: str) -> Any:
+    return epath.Path(path).open('wb')
+
+  def directory_check(self, path: str) -> None:
+    epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+record_writer.register_writer_factory('gs', _EpathEventFiles())
 
 
 class MetricWriter:
@@ -37,10 +54,10 @@ class MetricWriter:
     """Files are created on the first write, so a run that resumes a finished job (and
     logs nothing) leaves the work directory exactly as it was."""
     if self._summary is None:
-      os.makedirs(self.workdir, exist_ok=True)
+      epath.Path(self.workdir).mkdir(parents=True, exist_ok=True)
       self._summary = tensorboardX.SummaryWriter(
           logdir=os.path.join(self.workdir, TENSORBOARD_DIR))
-      self._jsonl = open(os.path.join(self.workdir, JSONL_FILE), 'a')  # noqa: SIM115
+      self._jsonl = (epath.Path(self.workdir) / JSONL_FILE).open('a')
 
   def write_scalars(self, step: int, scalars: Mapping[str, float], stage: str = '') -> None:
     """Logs each scalar under the tag `stage/name` (just `name` without a stage)."""
@@ -81,8 +98,7 @@ def read_jsonl(path: str) -> list[dict]:
 
   A last line cut short by a killed process is dropped; a bad line elsewhere raises.
   """
-  with open(path) as f:
-    lines = [line for line in f.read().splitlines() if line.strip()]
+  lines = [line for line in epath.Path(path).read_text().splitlines() if line.strip()]
   records = []
   for i, line in enumerate(lines):
     try:

@@ -14,6 +14,8 @@ import json
 import os
 from typing import Any, Sequence
 
+from etils import epath
+
 from autospace_jax import genome as genome_lib
 from autospace_jax.genome import Genome
 
@@ -232,9 +234,7 @@ def space_to_json(space: Sequence[Sequence[Genome]]) -> dict[str, Any]:
 
 
 def _write_json(d: dict[str, Any], path: str | os.PathLike) -> None:
-  with open(path, "w") as f:
-    json.dump(d, f, indent=4)
-    f.write("\n")
+  epath.Path(path).write_text(json.dumps(d, indent=4) + "\n")
 
 
 def save_net(spec: NetSpec, path: str | os.PathLike) -> None:
@@ -402,11 +402,10 @@ def space_from_json(d: Any) -> list[list[Genome]]:
 
 
 def _read_json(path: str | os.PathLike) -> Any:
-  with open(path) as f:
-    try:
-      return json.load(f)
-    except json.JSONDecodeError as e:
-      raise NetFormatError(f"{os.fspath(path)}: not valid JSON ({e})") from None
+  try:
+    return json.loads(epath.Path(path).read_text())
+  except json.JSONDecodeError as e:
+    raise NetFormatError(f"{os.fspath(path)}: not valid JSON ({e})") from None
 
 
 def load_net(path: str | os.PathLike) -> NetSpec:

@@ -15,6 +15,7 @@ import json
 import os
 from typing import Any, Sequence
 
+from etils import epath
 import matplotlib
 
 matplotlib.use("Agg")
@@ -50,18 +51,17 @@ ATTENTION_COLOR = "#ffd54f"
 
 
 def _load_json(path: str) -> Any:
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(epath.Path(path).read_text())
 
 
 def _load_runs(workdir: str, stage: str, filename: str) -> dict[str, dict]:
   """``{run name: json}`` for every ``workdir/stage/<name>/filename``, sorted by name."""
-  root = os.path.join(workdir, stage)
-  if not os.path.isdir(root):
+  root = epath.Path(workdir) / stage
+  if not root.is_dir():
     return {}
-  return {name: _load_json(os.path.join(root, name, filename))
-          for name in sorted(os.listdir(root))
-          if os.path.isfile(os.path.join(root, name, filename))}
+  return {run.name: _load_json(run / filename)
+          for run in sorted(root.iterdir(), key=lambda run: run.name)
+          if (run / filename).is_file()}
 
 
 # --- Formatting -----------------------------------------------------------------------
@@ -96,12 +96,10 @@ def _layer_label(index: int, layer: dict) -> str:
 
 def _write_if_changed(path: str, content: bytes) -> None:
   """Rewriting a finished run's report leaves identical files untouched (mtimes too)."""
-  if os.path.exists(path):
-    with open(path, "rb") as f:
-      if f.read() == content:
-        return
-  with open(path, "wb") as f:
-    f.write(content)
+  path = epath.Path(path)
+  if path.exists() and path.read_bytes() == content:
+    return
+  path.write_bytes(content)
 
 
 def _save(fig: plt.Figure, path: str) -> None:
@@ -430,7 +428,7 @@ def _summary_section(config_summary: dict | None) -> list[str]:
 def _space_section(workdir: str, figures: str) -> list[str]:
   lines = ["## Stage 1: space evolution", ""]
   path = os.path.join(workdir, SPACE_JSON)
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():
     return lines + _missing(SPACE_JSON, "stage 1 (space evolution) did not run here")
   space = _load_json(path)
   layers, cells, history = space["layers"], space["cells"], space["history"]
@@ -561,7 +559,7 @@ def write_report(workdir: str, config_summary: dict | None = None) -> str:
   Returns the report's path.
   """
   figures = os.path.join(workdir, FIGURES_DIR)
-  os.makedirs(figures, exist_ok=True)
+  epath.Path(figures).mkdir(parents=True, exist_ok=True)
   results = _load_runs(workdir, "search", RESULT_FILE)
   metrics = _load_runs(workdir, "train", METRICS_FILE)
   final, inferred = _pick_final(config_summary, results)

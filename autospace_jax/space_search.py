@@ -17,6 +17,7 @@ import os
 import time
 from typing import Any, Iterator
 
+from etils import epath
 import jax
 import ml_collections
 import numpy as np
@@ -63,7 +64,8 @@ class SpaceRun:
   def to_json(self) -> dict:
     return {"step": self.step, "populations": [p.to_json() for p in self.populations],
             "slots": [s.tolist() for s in self.slots],
-            "alpha_steps_since_round": self.alpha_steps_since_round, "history": self.history}
+            "alpha_steps_since_round": self.alpha_steps_since_round,
+            "history": self.history}
 
   @classmethod
   def from_json(cls, data: dict) -> "SpaceRun":
@@ -175,7 +177,7 @@ class SpaceSearch:
 
   def run(self) -> dict:
     """Train, evolve, and write the learned space; resumes from the latest checkpoint."""
-    os.makedirs(self.workdir, exist_ok=True)
+    epath.Path(self.workdir).mkdir(parents=True, exist_ok=True)
     ckpt = checkpointing.Checkpointer(os.path.join(self.workdir, "checkpoints"),
                                       self.config.checkpoint.max_to_keep)
     state, run = self._restore_or_init(ckpt)
@@ -266,15 +268,15 @@ class SpaceSearch:
           "parent_id": int(population.parent_id[i])} for i in top])
     if jax.process_index() == 0:
       netspec.save_space(space, os.path.join(self.workdir, SPACE_CONFIG))
-      with open(os.path.join(self.workdir, SPACE_JSON), "w") as f:
-        json.dump({"layers": [dataclasses.asdict(s) for s in self.shapes], "cells": records,
-                   "history": run.history, "steps": run.step}, f)
+      (epath.Path(self.workdir) / SPACE_JSON).write_text(json.dumps(
+          {"layers": [dataclasses.asdict(s) for s in self.shapes], "cells": records,
+           "history": run.history, "steps": run.step}))
     distributed.sync_processes("learned space written")  # stage 2 loads it on every host
     return {"space": space, "records": records, "history": run.history}
 
 
 def outputs_exist(workdir: str) -> bool:
-  return all(os.path.exists(os.path.join(workdir, "space", n)) for n in (SPACE_CONFIG,
+  return all((epath.Path(workdir) / "space" / n).exists() for n in (SPACE_CONFIG,
                                                                         SPACE_JSON))
 
 

@@ -12,6 +12,7 @@ import json
 import os
 from typing import Any
 
+from etils import epath
 import flax
 import jax
 import jax.numpy as jnp
@@ -111,7 +112,7 @@ class Trainer:
     return {"top1": totals["top1"] / totals["count"], "top5": totals["top5"] / totals["count"]}
 
   def run(self) -> dict:
-    os.makedirs(self.workdir, exist_ok=True)
+    epath.Path(self.workdir).mkdir(parents=True, exist_ok=True)
     ckpt = checkpointing.Checkpointer(os.path.join(self.workdir, "checkpoints"),
                                       self.config.checkpoint.max_to_keep)
     step, state, _ = ckpt.restore_or_init(self.init_state, self.parallel, self.tag)
@@ -144,8 +145,7 @@ class Trainer:
       self.writer.write_scalars(step, {"eval_top1": final["top1"], "eval_top5": final["top5"]},
                                 self.tag)
     if jax.process_index() == 0:
-      with open(os.path.join(self.workdir, METRICS_FILE), "w") as f:
-        json.dump(metrics, f, indent=1)
+      (epath.Path(self.workdir) / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
     print(f"{self.tag}: top-1 {final['top1']:.2%} top-5 {final['top5']:.2%} "
           f"params={cost.params:,} madds={cost.madds:,}")
     return metrics
@@ -154,10 +154,9 @@ class Trainer:
 def run(config: ml_collections.ConfigDict, net_path: str, workdir: str, writer: Any = None,
         parallel: DataParallel | None = None, tag: str = "train") -> dict:
   """Train ``net_path`` into ``workdir`` unless its metrics already exist."""
-  path = os.path.join(workdir, METRICS_FILE)
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
+  path = epath.Path(workdir) / METRICS_FILE
+  if path.exists():
+    return json.loads(path.read_text())
   net = netspec.load_net(net_path)
   info = input_pipeline.dataset_info(config.data.name)
   if net.num_classes != info.num_classes or net.resolution != config.data.image_size:
