@@ -65,7 +65,7 @@ class SpaceRun:
     return {"step": self.step, "populations": [p.to_json() for p in self.populations],
             "slots": [s.tolist() for s in self.slots],
             "alpha_steps_since_round": self.alpha_steps_since_round,
-            "history": self.history}
+            "history": list(self.history)}  # a snapshot: Orbax serialises it later
 
   @classmethod
   def from_json(cls, data: dict) -> "SpaceRun":

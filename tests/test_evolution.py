@@ -1,12 +1,15 @@
 """Evolution operators: what the population may and may not do (SPEC §6)."""
 
 import dataclasses
+import json
 
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
 from autospace_jax import evolution
 from autospace_jax import genome as genome_lib
+from autospace_jax import space_search
+from conftest import tiny_config
 
 ALL = list(genome_lib.all_genomes())
 SHAPE = evolution.CellShape(24, 24, 1, 28)
@@ -163,3 +166,15 @@ def test_top_cells_are_distinct_genomes_ranked_by_compensated_alpha():
   top = evolution.top_cells(pop, 3, "none")
   assert top[0] == 9
   assert len(top) == 3
+
+
+def test_a_stage_1_checkpoint_record_is_a_snapshot_later_rounds_do_not_change():
+  # Orbax serialises a save's metadata on its own thread while training goes on.
+  search = space_search.SpaceSearch(tiny_config(), "unused")
+  run = search.initial_run()
+  record = run.to_json()
+  saved = json.dumps(record)
+  run.history.append({"step": 3})
+  run.slots[0][0] = (run.slots[0][0] + 1) % len(run.populations[0])
+  run.populations[0].alpha[0] += 1.0
+  assert json.dumps(record) == saved
