@@ -4,8 +4,10 @@ The supernet runs every op of the sampled cells as its own small jitted program 
 supernet.py): a few hundred programs in all, each compiled the first time its op kind and
 shape is reached (0.05-0.3 s each on XLA:CPU). Rather than stop the training loop for
 each one, a `Precompiler` compiles them ahead, in compile-only passes
-(`SupernetTrainer.compile_path`: programs are lowered and compiled, nothing runs, so the
-passes are safe on any mesh and on every host), on worker threads: first one path through
+(`SupernetTrainer.compile_path`: the step's programs are lowered and compiled, none of
+them runs; only the batch's copy to the devices and a few local scalar and zeros
+computations do, none with a collective, so the passes are safe on any mesh and on every
+host), on worker threads: first one path through
 each of the current candidates, which the loop waits for; then (stage 1) a few paths that
 together make every program call a feasible cell of each layer can make, so the cells
 that mutation brings in later find their programs compiled.

@@ -22,6 +22,7 @@ on background threads.
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import dataclasses
 import functools
 import threading
@@ -370,7 +371,7 @@ class PathRun:
   def subsample(self, x: jax.Array, stride: int) -> jax.Array:
     if stride == 1:
       return x
-    out, vjp = self.call(_subsample_vjp, x, stride)
+    out, vjp = self.call(_subsample_vjp, x, stride=stride)
     return self.record(out, vjp, (x,))
 
   def backward(self, output: jax.Array, cotangent: jax.Array) -> dict[tuple, Any]:
@@ -403,7 +404,8 @@ _compiled_outputs_lock = threading.Lock()
 
 def _compile_once(program: Callable, args: tuple, static: dict) -> Any:
   """Compile ``program`` for these arguments' shapes and shardings and return its output
-  shapes; a program another compile-only pass compiles (or compiled) is waited for."""
+  shapes; a program another compile-only pass compiles (or compiled) is waited for.
+  Static arguments must be passed by keyword (positional ones are keyed by type only)."""
   signature = tuple((a.shape, a.dtype, getattr(a, "weak_type", False),
                      getattr(a, "sharding", None)) if hasattr(a, "shape") else type(a)
                     for a in jax.tree.leaves(args))
@@ -420,14 +422,16 @@ def _compile_once(program: Callable, args: tuple, static: dict) -> Any:
       with _compiled_outputs_lock:
         del _compiled_outputs[key]
       future.set_exception(error)
-  return future.result()
+  # Fresh leaves for every call: the tape tells activations apart by identity, and two
+  # calls of one program (two identical edges from one node) must not share outputs.
+  return jax.tree.map(copy.copy, future.result())
 
 
 # Sums cotangents that reach one source from several consumers (arrays or param trees).
 _accumulate = _PlatformJit(lambda a, b: jax.tree.map(jnp.add, a, b))
 
 
-@functools.partial(_PlatformJit, static_argnums=1)
+@functools.partial(_PlatformJit, static_argnames="stride")
 def _subsample_vjp(x: jax.Array, stride: int) -> tuple[jax.Array, Any]:
   return jax.vjp(lambda v: ops.subsample(v, stride), x)
 
@@ -454,7 +458,7 @@ def _cell_forward(shape: LayerShape, op: Op, x: jax.Array, params: dict, stats: 
     return run.record(out, vjp, (Leaf(key), *inputs))
 
   def untaped_subsample(v, stride):
-    return v if stride == 1 else run.call(_subsample_vjp, v, stride)[0]
+    return v if stride == 1 else run.call(_subsample_vjp, v, stride=stride)[0]
 
   add, subsample = ((run.add, run.subsample) if differentiate else
                     (functools.partial(run.call, _jitted_add), untaped_subsample))
@@ -730,9 +734,10 @@ class SupernetTrainer:
 
   def compile_path(self, state: TrainState, batch: dict, candidates: Sequence[Sequence[Op]],
                    path: Sequence[int], train_alpha: bool) -> None:
-    """Compile, without running anything, the programs a step on ``path`` calls: op
-    forwards and VJPs, the glue between them and the updates of the entries that get
-    gradients. `Precompiler` runs this on background threads ahead of the steps."""
+    """Compile, without running them, the programs a step on ``path`` calls: op forwards
+    and VJPs, the glue between them and the updates of the entries that get gradients
+    (the batch is put on the devices and the learning rate computed, as a step does).
+    `Precompiler` runs this on background threads ahead of the steps."""
     run = PathRun(compile_only=True)
     _, _, _, leaves = self._forward_backward(state, batch, candidates, path, train_alpha,
                                              run)

@@ -53,6 +53,23 @@ def test_after_a_compile_only_pass_a_step_on_that_path_compiles_no_supernet_prog
   assert [n for n in names if n in OP_PROGRAMS] == []
 
 
+def test_a_compile_only_pass_tells_apart_two_identical_ops_on_one_input():
+  # Edges 0>1 and 0>2 run the same program on the same node: the pass must tape both
+  # outputs (and compile the sum of their cotangents) as a step does.
+  identity, none = genome_lib.IDENTITY, genome_lib.NONE
+  fork = genome_lib.Genome((3, 3, identity, none, none, identity), 2, (1, 1))
+  spec, trainer = make_trainer()
+  state = trainer.init(0, 3)
+  state, _ = step(trainer, state, [[genome_lib.irb(3, 3)] * 3 for _ in spec.layers],
+                  [0] * 6, 0)
+  cands = [[fork] * 3 for _ in spec.layers]
+  trainer.compile_path(trainer.init(1, 3), batch(5), cands, [0] * 6, True)
+  names = compiled_programs()
+  state, _ = step(trainer, state, cands, [0] * 6, 1)
+  jax.block_until_ready(state)
+  assert [n for n in names if n in OP_PROGRAMS] == []
+
+
 _ON_EIGHT_DEVICES = textwrap.dedent('''
     import json, threading
     import jax
