@@ -48,8 +48,8 @@ def enable_compilation_cache(jax) -> None:
   The supernet compiles a few hundred small programs (per op kind and shape, forward and
   backward, optimizer steps), most in under 0.1 s but ~11 s together for the default's
   first candidates on 2 CPU cores; so every program is cached, however quick, and a
-  restart loads them instead (measured: the benchmark's stage 1 was blocked 5.5 s instead
-  of 17.7 s).
+  restart loads them instead (measured: the benchmark's stage 1 was blocked 5.6 s instead
+  of 19.1 s).
   The JAX_COMPILATION_CACHE_DIR, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS and
   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES environment variables take precedence.
   """
