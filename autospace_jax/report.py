@@ -50,7 +50,7 @@ ATTENTION_COLOR = "#ffd54f"
 # --- Loading --------------------------------------------------------------------------
 
 
-def _load_json(path: str) -> Any:
+def _load_json(path: str | os.PathLike) -> Any:
   return json.loads(epath.Path(path).read_text())
 
 
