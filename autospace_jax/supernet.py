@@ -102,30 +102,29 @@ def supernet_spec_from_net(net: netspec.NetSpec, conv_codes: Sequence[int]) -> S
 # --- Jitted ops ---------------------------------------------------------------------------
 
 # XLA:CPU options for the supernet's few hundred small programs, whose compiles the first
-# steps wait for: they halve them at the same step time (jax 0.10, the default's programs
-# for one path through each of 5 candidates: 21.3 s -> 10.7 s; jax 0.12 lacks the first
-# option, and the second alone saves ~15%). Only options this XLA accepts are used; other
-# platforms keep XLA's defaults (there the device computes while the host compiles).
+# steps wait for: together they halve them at the same step time and the same numerics
+# (jax 0.10, the default's programs for one path through each of 5 candidates: 21.3 s ->
+# 10.7 s). They are used together or not at all: jax 0.12 lacks the first, and the second
+# alone changed its results (one vs eight devices differed 5.7e-5 in the weights instead
+# of 4e-7). Other platforms keep XLA's defaults (there the device computes while the host
+# compiles).
 CPU_COMPILE_OPTIONS = {"xla_cpu_use_fusion_emitters": False,
                        "xla_backend_optimization_level": 1}
 
 
 @functools.lru_cache(maxsize=None)
 def compile_options(platform: str) -> dict[str, Any]:
-  """The `CPU_COMPILE_OPTIONS` this XLA accepts on ``platform`` "cpu"; none elsewhere."""
+  """`CPU_COMPILE_OPTIONS` on "cpu" if this XLA accepts all of them; otherwise none."""
   if platform != "cpu":
     return {}
-  accepted = {}
-  for name, value in CPU_COMPILE_OPTIONS.items():
-    try:
-      jax.jit(jnp.negative, compiler_options={name: value}).lower(
-          jax.ShapeDtypeStruct((), jnp.float32)).compile()
-    except jax.errors.JaxRuntimeError as error:
-      if "No such compile option" not in str(error):
-        raise
-    else:
-      accepted[name] = value
-  return accepted
+  try:
+    jax.jit(jnp.negative, compiler_options=CPU_COMPILE_OPTIONS).lower(
+        jax.ShapeDtypeStruct((), jnp.float32)).compile()
+  except jax.errors.JaxRuntimeError as error:
+    if "No such compile option" not in str(error):
+      raise
+    return {}
+  return dict(CPU_COMPILE_OPTIONS)
 
 
 class _PlatformJit:

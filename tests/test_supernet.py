@@ -180,10 +180,12 @@ def test_proxyless_estimator_gradient_matches_its_formula_and_zero_gets_signal()
 
 
 
-def test_supernet_programs_use_the_fast_compile_options_this_xla_accepts_on_cpu_only():
+def test_supernet_programs_use_all_the_cpu_compile_options_or_none_and_only_on_cpu():
+  # Measured together on jax 0.10; jax 0.12 lacks one, and the other alone changed results.
   accepted = supernet.compile_options("cpu")
-  assert accepted, "no CPU compile option accepted: supernet compiles would double"
-  assert accepted.items() <= supernet.CPU_COMPILE_OPTIONS.items()
+  assert accepted in ({}, supernet.CPU_COMPILE_OPTIONS)
+  if jax.__version__.startswith("0.10."):
+    assert accepted == supernet.CPU_COMPILE_OPTIONS
   assert supernet.compile_options("gpu") == {} == supernet.compile_options("tpu")
   x = jnp.ones((2, 3))
   assert float(supernet._accumulate(x, x).sum()) == 12.0  # a program compiled with them
