@@ -241,10 +241,8 @@ class ArchSearch:
     data = input_pipeline.make_iterator(
         self.config.data, "search_train", self.cfg.batch_size, seed=self.config.seed,
         start_step=step, process_index=jax.process_index(), process_count=jax.process_count())
-    try:
+    with self.precompiler:
       state = self._train(state, step, data, ckpt)
-    finally:
-      self.precompiler.close()
     ckpt.wait()
     ckpt.close()
     return self.write_outputs(np.asarray(jax.device_get(state.alpha), np.float64))

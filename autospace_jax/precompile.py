@@ -7,10 +7,10 @@ each one, a `Precompiler` compiles them ahead, in compile-only passes
 (`SupernetTrainer.compile_path`: the step's programs are lowered and compiled, none of
 them runs; only the batch's copy to the devices and a few local scalar and zeros
 computations do, none with a collective, so the passes are safe on any mesh and on every
-host), on worker threads: first one path through
-each of the current candidates, which the loop waits for; then (stage 1) a few paths that
-together make every program call a feasible cell of each layer can make, so the cells
-that mutation brings in later find their programs compiled.
+host), on worker threads: first one path through each of the current candidates, which
+the loop waits for; then (stage 1) a few paths that together make every program call a
+feasible cell of each layer can make, so the cells that mutation brings in later find
+their programs compiled. Used as a context manager, it drops unstarted passes on exit.
 """
 
 from __future__ import annotations
@@ -159,6 +159,12 @@ class Precompiler:
       self.seconds_waited += time.perf_counter() - start
     with self._lock:
       self._compiled |= cells  # the step compiles whatever is still missing
+
+  def __enter__(self) -> "Precompiler":
+    return self
+
+  def __exit__(self, *exc_info: Any) -> None:
+    self.close()
 
   def close(self) -> None:
     """Drop passes not yet started (one already running finishes in the background)."""

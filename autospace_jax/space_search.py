@@ -185,10 +185,8 @@ class SpaceSearch:
         self.config.data, "search_train", self.cfg.batch_size, seed=self.config.seed,
         start_step=run.step, process_index=jax.process_index(),
         process_count=jax.process_count())
-    try:
+    with self.precompiler:
       state = self._train(state, run, data, ckpt)
-    finally:
-      self.precompiler.close()
     ckpt.wait()
     ckpt.close()
     self.finish(run, state)
