@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from autospace_jax import checkpointing
 from autospace_jax import config_validation
 from autospace_jax import input_pipeline
 from autospace_jax import main
@@ -21,8 +22,17 @@ def imagenet_config():
   return module.get_config()
 
 
-def test_imagenet_config_runs_each_stage_for_a_few_steps_on_mock_imagenet(tmp_path):
+def test_imagenet_config_runs_each_stage_for_a_few_steps_on_mock_imagenet(tmp_path,
+                                                                          monkeypatch):
   tfds = pytest.importorskip("tensorflow_datasets")
+  # Under mock_data every `as_dataset` call (one per epoch) swaps epath for a fake file
+  # system, process-wide, while it runs; an asynchronous Orbax save finishing on its
+  # thread at that moment writes its metadata there and fails (seen once in CI). Real
+  # runs have no such swap, so this test saves synchronously.
+  init = checkpointing.Checkpointer.__init__
+  monkeypatch.setattr(checkpointing.Checkpointer, "__init__",
+                      lambda self, directory, max_to_keep=3, async_save=True:
+                      init(self, directory, max_to_keep, async_save=False))
   config = imagenet_config()
   # Reduced sizes; the data set, its 1000 classes and the TFDS code are the real ones.
   config.data.image_size = 32
