@@ -115,12 +115,12 @@ class Trainer:
     epath.Path(self.workdir).mkdir(parents=True, exist_ok=True)
     ckpt = checkpointing.Checkpointer(os.path.join(self.workdir, "checkpoints"),
                                       self.config.checkpoint.max_to_keep)
-    step, state, _ = ckpt.restore_or_init(self.init_state, self.parallel, self.tag)
+    step, state, meta = ckpt.restore_or_init(self.init_state, self.parallel, self.tag)
     data = input_pipeline.make_iterator(
         self.config.data, "train", self.cfg.batch_size, seed=self.config.seed,
         start_step=step, process_index=jax.process_index(), process_count=jax.process_count())
     bar = progress.Bar(self.total_steps, self.tag, initial=step)
-    history = []
+    history = list(meta["history"]) if meta else []  # evaluations before a restart
     eval_every = supernet.epochs_to_steps(self.cfg.eval_every_epochs, self.steps_per_epoch)
     while step < self.total_steps:
       state, metrics = self._train_step(state, self.parallel.global_batch(next(data)))
@@ -131,8 +131,8 @@ class Trainer:
         self.writer.write_scalars(step, {k: float(v) for k, v in metrics.items()}, self.tag)
       if eval_every and step % eval_every == 0 and step < self.total_steps:
         history.append({"step": step, **self.evaluate(state)})
-      ckpt.save_on_schedule(step, state, {"step": step}, self.config.checkpoint.every_steps,
-                            self.total_steps)
+      ckpt.save_on_schedule(step, state, {"step": step, "history": list(history)},
+                            self.config.checkpoint.every_steps, self.total_steps)
     bar.close()
     ckpt.wait()
     ckpt.close()

@@ -179,3 +179,25 @@ def test_train_stage_alone_trains_a_given_net_file(uninterrupted, tmp_path):
   assert 0.0 <= metrics["top1"] <= metrics["top5"] <= 1.0
   assert "train: top-1" in result.stdout
   assert not (workdir / "space").exists() and not (workdir / "search").exists()
+
+
+def test_sigkill_during_training_then_restart_gives_the_same_metrics(uninterrupted, tmp_path):
+  config, reference = uninterrupted
+  [net] = (reference / "search").glob("*/net.json")
+  flags = ("--config.stages=train", f"--config.train.net={net}",
+           "--config.train.epochs=0.4", "--config.train.eval_every_epochs=0.1")
+  run(command(config, tmp_path / "reference", *flags))
+  expected = json.loads((tmp_path / "reference" / "train" / "net" / "metrics.json").read_text())
+  assert len(expected["history"]) >= 3  # evaluations before and after the kill
+
+  workdir = tmp_path / "run"
+  cmd = command(config, workdir, *flags)
+  kill_after = expected["history"][1]["step"]  # at least one evaluation is behind it
+  process = start_and_signal(cmd, workdir / "train" / "net" / "checkpoints", kill_after,
+                             signal.SIGKILL)
+  process.communicate(timeout=60)
+  assert process.returncode == -signal.SIGKILL
+  metrics_path = workdir / "train" / "net" / "metrics.json"
+  assert not metrics_path.exists(), "killed too late"
+  run(cmd)
+  assert json.loads(metrics_path.read_text()) == expected
