@@ -65,7 +65,7 @@ class Expand(BNConfig):
 
 
 class DepthwiseBN(BNConfig):
-  """A conv edge: depthwise k x k (SAME), BN, ReLU6."""
+  """A conv edge: depthwise k x k (padded k // 2), BN, ReLU6."""
 
   kernel_size: int = 3
   stride: int = 1

@@ -1,11 +1,11 @@
 """Analytic parameter and multiply-add counts from genomes (SPEC §4 counting convention).
 
 params = every conv and FC weight, FC biases and 2 per BN channel; MAdds = multiply-adds of
-convs and FCs only, a conv costing k²·(C_in/groups)·C_out·H_out·W_out with SAME padding
-(H_out = ceil(H / stride)), an FC costing in·out per image. Pooling, activations, sums and
-softmaxes are free. Counts come from the genome and the shape, never from XLA's cost
-analysis (it counts 2x and skips padding). `cells.py` builds exactly the layers counted here;
-the widths of its attention and SE modules must be `attention_width` and `se_width`.
+convs and FCs only, a conv costing k²·(C_in/groups)·C_out·H_out·W_out with k // 2 padding
+(H_out = ceil(H / stride) for odd k), an FC costing in·out per image. Pooling, activations,
+sums and softmaxes are free. Counts come from the genome and the shape, never from XLA's
+cost analysis (it counts 2x and skips padding). `cells.py` builds exactly the layers counted
+here; the widths of its attention and SE modules must be `attention_width` and `se_width`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def total(costs: Sequence[Cost]) -> Cost:
 
 
 def out_size(size: int, stride: int) -> int:
-  """Spatial size after a SAME-padded op of ``stride``."""
+  """Spatial size after an op of ``stride`` (odd kernels padded k // 2)."""
   return -(-size // stride)
 
 

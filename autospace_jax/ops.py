@@ -1,7 +1,11 @@
 """Convolution primitives shared by the static cells and the supernet.
 
 1x1 convolutions are written as matrix products and depthwise k x k convolutions as a
-sum of k^2 shifted, scaled slices. On XLA:CPU this is several times faster than
+sum of k^2 shifted, scaled slices. Every k x k convolution pads k // 2 on each side, as
+ProxylessNAS's PyTorch layers do (`padding=k // 2`): output pixel i is centred on input
+pixel i * stride, the pixel the strided identity `subsample` keeps, so a stride-2 conv
+edge and an identity edge of one cell stay aligned (TensorFlow's SAME pads (0, 1) for
+k = 3 on even sizes and would centre on i * stride + 1). On XLA:CPU this is several times faster than
 `lax.conv_general_dilated` with `feature_group_count=C` (whose weight gradient is slow,
 and far slower again inside a conditional); see benchmarks/. Set
 ``AUTOSPACE_CONV=xla`` to use XLA's convolutions instead (the better choice on GPU/TPU).
@@ -29,23 +33,22 @@ def pointwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
   return jnp.einsum("bhwc,cd->bhwd", x, kernel.astype(x.dtype))
 
 
-def _same_padding(size: int, kernel_size: int, stride: int) -> tuple[int, int]:
-  out = -(-size // stride)
-  total = max((out - 1) * stride + kernel_size - size, 0)
-  return total // 2, total - total // 2
+def _centred_padding(kernel_size: int) -> list[tuple[int, int]]:
+  """(k // 2, k // 2) for height and width: output sizes are ceil(size / stride) for the odd
+  kernels every op uses."""
+  return [(kernel_size // 2, kernel_size // 2)] * 2
 
 
 def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
-  """Depthwise k x k convolution, SAME padding, of NHWC ``x`` with a (k, k, C) kernel."""
+  """Depthwise k x k convolution, k // 2 padding, of NHWC ``x`` with a (k, k, C) kernel."""
   kernel = kernel.astype(x.dtype)
   k = kernel.shape[0]
   if _use_xla_conv():
     return lax.conv_general_dilated(
-        x, kernel[:, :, None, :], (stride, stride), "SAME",
+        x, kernel[:, :, None, :], (stride, stride), _centred_padding(k),
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
   _, h, w, _ = x.shape
-  ph, pw = _same_padding(h, k, stride), _same_padding(w, k, stride)
-  xp = jnp.pad(x, ((0, 0), ph, pw, (0, 0)))
+  xp = jnp.pad(x, ((0, 0), *_centred_padding(k), (0, 0)))
   out_h, out_w = -(-h // stride), -(-w // stride)
   out = None
   for i in range(k):
@@ -58,12 +61,13 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Arra
 
 
 def subsample(x: jax.Array, stride: int) -> jax.Array:
-  """The strided identity: keep every ``stride``-th row and column (SAME alignment)."""
+  """The strided identity: keep every ``stride``-th row and column, from the first (where
+  strided convs centre their outputs)."""
   return x if stride == 1 else x[:, ::stride, ::stride, :]
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
-  """Dense k x k convolution (the stem), SAME padding, (k, k, C_in, C_out) kernel."""
+  """Dense k x k convolution (the stem), k // 2 padding, (k, k, C_in, C_out) kernel."""
   return lax.conv_general_dilated(
-      x, kernel.astype(x.dtype), (stride, stride), "SAME",
+      x, kernel.astype(x.dtype), (stride, stride), _centred_padding(kernel.shape[0]),
       dimension_numbers=("NHWC", "HWIO", "NHWC"))
