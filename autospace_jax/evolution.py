@@ -95,10 +95,13 @@ class Population:
 
 def initial_population(size: int, feasible: Sequence[genome_lib.Genome],
                        rng: np.random.Generator) -> Population:
-  """``size`` cells drawn uniformly from the feasible genomes (distinct while possible)."""
+  """``size`` cells drawn uniformly from the feasible genomes: distinct while possible, else
+  every feasible genome floor(size / n) or ceil(size / n) times (at the paper's settings a
+  layer has ~500 feasible genomes for P = 1000)."""
   if not feasible:
     raise ValueError("no genome satisfies the constraints; raise space.madds_cap_ratio")
-  picks = rng.choice(len(feasible), size, replace=size > len(feasible))
+  picks = np.concatenate([rng.permutation(len(feasible))
+                          for _ in range(-(-size // len(feasible)))])[:size]
   zeros = np.zeros(size)
   return Population([feasible[i] for i in picks], zeros.copy(), zeros.copy(),
                     np.zeros(size, np.int64), np.zeros(size, np.int64),
@@ -185,21 +188,21 @@ def evolve_layer(population: Population, slots: np.ndarray, settings: EvolutionS
     for i, child in zip(selected, children):
       population.genomes[i] = child
     return selected
-  return _add_children_aging(population, selected, children, step, protected=slots)
+  return _add_children_aging(population, selected, children, step, supernet_cells=slots)
 
 
 def _add_children_aging(population: Population, parents: np.ndarray,
                         children: list[genome_lib.Genome], step: int,
-                        protected: np.ndarray) -> np.ndarray:
-  """Regularized evolution: children join; the oldest cells not in the supernet (nor
-  selected as parents this round) leave to make room."""
-  keep = set(protected.tolist()) | set(parents.tolist())
+                        supernet_cells: np.ndarray) -> np.ndarray:
+  """Regularized evolution: children join with their parent's α; the oldest cells not in
+  the supernet leave to make room (a parent among them too: its child carries its α)."""
+  keep = set(supernet_cells.tolist())
   order = [i for i in np.lexsort((population.cell_id, population.birth_step)) if i not in keep]
   leaving = np.array(order[:len(children)], np.int64)
   p = population
-  for slot, parent, child in zip(leaving, parents, children):
-    parent_alpha = p.alpha[parent]
-    parent_id = p.cell_id[parent]
+  parent_alphas, parent_ids = p.alpha[parents].copy(), p.cell_id[parents].copy()
+  for slot, parent_alpha, parent_id, child in zip(leaving, parent_alphas, parent_ids,
+                                                  children):
     p.genomes[slot] = child
     p.alpha[slot] = p.alpha_birth[slot] = parent_alpha
     p.alpha_steps[slot] = 0

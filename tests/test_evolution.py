@@ -143,6 +143,27 @@ def test_aging_update_adds_children_with_parent_alpha_and_retires_the_oldest():
     assert pop.cell_id[i] not in old_ids
 
 
+def test_aging_retires_the_oldest_cells_outside_the_supernet_even_when_they_are_parents():
+  pop = evolution.initial_population(30, ALL, np.random.default_rng(1))
+  pop.birth_step[:] = np.arange(30)  # cells 4-7 are the oldest outside the supernet ...
+  pop.alpha[:] = np.where((4 <= np.arange(30)) & (np.arange(30) < 8), 1.0, 0.0)  # the fittest
+  pop.alpha_steps[:] = pop.layer_steps = 10  # every cell trained all along: α_c = α
+  alpha_by_id = dict(zip(pop.cell_id.tolist(), pop.alpha.tolist()))
+  slots = evolution.evolve_layer(pop, np.arange(4), settings_for("aging"), 26,
+                                 lambda g: True, 500, np.random.default_rng(2))
+  parents = pop.parent_id[slots]
+  assert set(parents.tolist()) & {4, 5, 6, 7}, "no parent is among the oldest"
+  assert sorted(slots.tolist()) == [4, 5, 6, 7]
+  np.testing.assert_array_equal(pop.alpha[slots], [alpha_by_id[i] for i in parents])
+
+
+def test_an_initial_population_larger_than_the_feasible_set_holds_each_genome_evenly():
+  feasible = ALL[:7]
+  pop = evolution.initial_population(30, feasible, np.random.default_rng(0))
+  counts = [pop.genomes.count(g) for g in feasible]
+  assert sorted(set(counts)) == [4, 5] and sum(counts) == 30
+
+
 def test_write_back_counts_alpha_steps_for_the_supernet_cells_and_the_layer():
   pop = evolution.initial_population(10, ALL, np.random.default_rng(0))
   evolution.write_back(pop, np.array([2, 5]), np.array([0.5, -0.5]), 40)
