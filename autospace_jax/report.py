@@ -169,15 +169,15 @@ def _minor_log_formatter(decades: float) -> ticker.Formatter:
 
 
 def plot_population_madds(space: dict, path: str) -> None:
-  """Per layer, box plots of the population's cell MAdds at the first and last round."""
-  history, layers = space["history"], space["layers"]
-  rounds = [history[0]] if len(history) == 1 else [history[0], history[-1]]
+  """Per layer, box plots of the cell MAdds of the initial and of the final population."""
+  layers = space["layers"]
+  populations = space["population_madds"]
   colors = ["#bdbdbd", "#2ca02c"]
-  width = 0.8 / len(rounds)
+  width = 0.4
   fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(layers) + 2.0), 4.2))
-  for r, (record, color) in enumerate(zip(rounds, colors)):
-    data = [np.asarray(m, np.float64) / 1e6 for m in record["population_madds"]]
-    positions = np.arange(len(layers)) + (r - (len(rounds) - 1) / 2) * width
+  for r, (name, color) in enumerate(zip(("initial", "final"), colors)):
+    data = [np.asarray(m, np.float64) / 1e6 for m in populations[name]]
+    positions = np.arange(len(layers)) + (r - 0.5) * width
     ax.boxplot(data, positions=positions, widths=width * 0.9, patch_artist=True,
                whis=(5, 95), showfliers=False, boxprops={"facecolor": color, "linewidth": 0.8},
                medianprops={"color": "black"}, whiskerprops={"linewidth": 0.8},
@@ -192,11 +192,10 @@ def plot_population_madds(space: dict, path: str) -> None:
   ax.set_xlabel("layer")
   ax.set_ylabel("cell MAdds (millions, log scale)")
   ax.grid(axis="y", which="both", alpha=0.3)
-  names = ["first round", "last round"]
-  ax.legend(handles=[patches.Patch(facecolor=c, edgecolor="black",
-                                   label=f"{n} (step {h['step']})")
-                     for c, n, h in zip(colors, names, rounds)], fontsize=8, loc="best")
-  size = len(history[0]["population_madds"][0])
+  labels = ["initial population (step 0)", f"final population (step {space['steps']})"]
+  ax.legend(handles=[patches.Patch(facecolor=c, edgecolor="black", label=label)
+                     for c, label in zip(colors, labels)], fontsize=8, loc="best")
+  size = len(populations["final"][0])
   ax.set_title(f"Stage 1: MAdds of the population ({size} cells per layer); whiskers 5–95%",
                fontsize=10)
   fig.tight_layout()
@@ -450,14 +449,13 @@ def _space_section(workdir: str, figures: str) -> list[str]:
                    for layer, row in enumerate(cells) for rank, c in enumerate(row)])
   plot_learned_cells(space, os.path.join(figures, "learned_cells.png"))
   lines += ["![learned cells](figures/learned_cells.png)", ""]
+  plot_population_madds(space, os.path.join(figures, "population_madds.png"))
+  lines += ["### Population MAdds", "", "![population MAdds](figures/population_madds.png)", ""]
   if not history:
     return lines + ["_No evolution round was recorded (the run ended in warm-up), so there "
-                    "are no α or population figures._", ""]
+                    "is no α figure._", ""]
   plot_alpha(space, os.path.join(figures, "alpha.png"))
-  plot_population_madds(space, os.path.join(figures, "population_madds.png"))
-  return lines + ["### α during evolution", "", "![alpha](figures/alpha.png)", "",
-                  "### Population MAdds", "",
-                  "![population MAdds](figures/population_madds.png)", ""]
+  return lines + ["### α during evolution", "", "![alpha](figures/alpha.png)", ""]
 
 
 def _search_section(results: dict[str, dict]) -> list[str]:

@@ -159,9 +159,7 @@ class SpaceSearch:
       new_alpha[layer] = population.alpha[run.slots[layer]]
     run.alpha_steps_since_round = 0
     run.history.append({"step": run.step, "epoch": epoch, "team_size": team,
-                        "alpha": alpha.tolist(),
-                        "population_madds": [[self.shapes[i].madds(g) for g in p.genomes]
-                                             for i, p in enumerate(run.populations)]})
+                        "alpha": alpha.tolist()})
     return self.trainer.reset_alpha(state, new_alpha)
 
   def finish(self, run: SpaceRun, state: supernet.TrainState) -> None:
@@ -264,11 +262,16 @@ class SpaceSearch:
           "madds": int(self.shapes[layer].madds(population.genomes[i])),
           "birth_step": int(population.birth_step[i]), "cell_id": int(population.cell_id[i]),
           "parent_id": int(population.parent_id[i])} for i in top])
+    population_madds = {name: [[int(self.shapes[i].madds(g)) for g in p.genomes]
+                               for i, p in enumerate(populations)]
+                        for name, populations in (("initial", self.initial_run().populations),
+                                                  ("final", run.populations))}
     if jax.process_index() == 0:
       netspec.save_space(space, os.path.join(self.workdir, SPACE_CONFIG))
       (epath.Path(self.workdir) / SPACE_JSON).write_text(json.dumps(
           {"layers": [dataclasses.asdict(s) for s in self.shapes], "cells": records,
-           "history": run.history, "steps": run.step}))
+           "history": run.history, "population_madds": population_madds,
+           "steps": run.step}))
     distributed.sync_processes("learned space written")  # stage 2 loads it on every host
     return {"space": space, "records": records, "history": run.history}
 

@@ -67,6 +67,13 @@ def test_imagenet_config_runs_each_stage_for_a_few_steps_on_mock_imagenet(tmp_pa
 
   space = netspec.load_space(tmp_path / "space" / "learned_space.config")
   assert [len(cells) for cells in space] == [3] * 6
+  record = json.loads((tmp_path / "space" / "learned_space.json").read_text())
+  # Per round only α is kept (the history is in every checkpoint): the population's MAdds
+  # are recorded once at the start and once at the end.
+  assert record["history"] and all(set(h) == {"step", "epoch", "team_size", "alpha"}
+                                   for h in record["history"])
+  assert [[len(m) for m in record["population_madds"][when]] for when in ("initial", "final")
+          ] == [[12] * 6] * 2
   results = sorted((tmp_path / "search").glob("*/result.json"))
   assert {json.loads(r.read_text())["space"] for r in results} == {"learned", "irb"}
   for result in results:

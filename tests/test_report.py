@@ -35,11 +35,12 @@ def _space(rounds=3, population=8):
              "madds": 1_000_000 * (layer + 1) + 1000 * k, "birth_step": 0, "cell_id": k,
              "parent_id": -1} for k, g in enumerate(CELLS)] for layer in range(len(LAYERS))]
   history = [{"step": 40 * (r + 1), "epoch": float(r), "team_size": 3 + r,
-              "alpha": rng.normal(0.1 * r, 0.05, (len(LAYERS), len(CELLS))).tolist(),
-              "population_madds": rng.integers(500_000, 3_000_000,
-                                               (len(LAYERS), population)).tolist()}
+              "alpha": rng.normal(0.1 * r, 0.05, (len(LAYERS), len(CELLS))).tolist()}
              for r in range(rounds)]
-  return {"layers": LAYERS, "cells": cells, "history": history, "steps": 40 * rounds}
+  population_madds = {name: rng.integers(500_000, 3_000_000, (len(LAYERS), population)).tolist()
+                      for name in ("initial", "final")}
+  return {"layers": LAYERS, "cells": cells, "history": history,
+          "population_madds": population_madds, "steps": 40 * rounds}
 
 
 def _full_run(workdir):
