@@ -13,12 +13,13 @@ A NAS run on preemptible TPUs must never lose more than a few steps of work, so:
   none can be read it raises instead of letting the run start afresh and, through
   `max_to_keep`, delete the checkpoints a fix could still restore.
 - A SIGTERM only sets a flag (saving inside a signal handler could deadlock on the locks
-  the interrupted code holds). The training loop polls `should_stop(step)`, saves with
-  `force=True`, waits, and raises `Preempted`; `main` prints where and exits 0.
+  the interrupted code holds). The training loop polls `should_stop()` after every step,
+  saves with `force=True`, waits, and raises `Preempted`; `main` prints where and exits 0.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import signal
 import threading
@@ -50,6 +51,19 @@ class CheckpointError(RuntimeError):
   """Checkpoints exist but none of them can be restored."""
 
 
+class _Manager(ocp.CheckpointManager):
+  """A CheckpointManager that leaves JAX's preemption sync to `should_stop`.
+
+  Orbax would report each save's step to the sync, overwriting the ids `should_stop`
+  gives it with a loop's own step, which restarts in every loop (see `_sync_ids`). A
+  preemption save needs no help from Orbax: `save_on_schedule` forces it.
+  """
+
+  def reached_preemption(self, step: int) -> bool:
+    del step
+    return False
+
+
 class Checkpointer:
   """Numbered checkpoints of (arrays, meta) in `directory`, the newest `max_to_keep` kept."""
 
@@ -57,7 +71,7 @@ class Checkpointer:
     self.directory = str(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
                                            enable_async_checkpointing=async_save)
-    self._manager = ocp.CheckpointManager(
+    self._manager = _Manager(
         self.directory, options=options,
         item_handlers={ARRAYS: ocp.StandardCheckpointHandler(),
                        META: ocp.JsonCheckpointHandler()})
@@ -138,7 +152,7 @@ class Checkpointer:
     at the last step; after a SIGTERM saves now, waits, and raises `Preempted`."""
     if step % every_steps == 0 or step == total_steps:
       self.save(step, arrays, meta, force=step == total_steps)
-    if should_stop(step):
+    if should_stop():
       self.save(step, arrays, meta, force=True)
       self.wait()
       raise Preempted(self.directory, step)
@@ -161,6 +175,10 @@ class Checkpointer:
 
 
 _preemption = threading.Event()
+# The step id `should_stop` gives JAX's preemption sync: its call number, which only grows
+# within the process, where each loop's own step restarts at 0 (the sync point, max + 1 of
+# the ids reported when a notice arrives, would then never be reached by a later loop).
+_sync_ids = itertools.count(1)
 
 
 def install_sigterm_handler(callback: Callable[[], None] | None = None) -> None:
@@ -193,18 +211,18 @@ def clear_preemption() -> None:
   _preemption.clear()
 
 
-def should_stop(step: int) -> bool:
-  """Whether the loop should save and stop after `step`; the same answer on every host.
+def should_stop() -> bool:
+  """Whether the loop should save and stop after its current step; the same on every host.
 
   One process: the local SIGTERM flag. Several: JAX's preemption sync point, which picks a
-  step that every host reaches, or, with the preemption service off, an all-gather of the
+  call that every host reaches, or, with the preemption service off, an all-gather of the
   local flags (any host preempted stops them all). Either way every process must call
-  this at every step.
+  this after every step of every loop, so that the hosts' call counts agree.
   """
   if jax.process_count() == 1:
     return preemption_requested()
   try:
-    return multihost_utils.reached_preemption_sync_point(step)
+    return multihost_utils.reached_preemption_sync_point(next(_sync_ids))
   except RuntimeError:  # jax_enable_preemption_service is off.
     flags = multihost_utils.process_allgather(np.int32(preemption_requested()))
     return bool(np.any(flags))

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import jax
@@ -199,13 +200,13 @@ def test_sigterm_sets_the_flag_and_the_process_survives(sigterm_handler):
   calls = []
   checkpointing.install_sigterm_handler(lambda: calls.append(1))
   assert not checkpointing.preemption_requested()
-  assert not checkpointing.should_stop(1)
+  assert not checkpointing.should_stop()
   os.kill(os.getpid(), signal.SIGTERM)
   assert checkpointing.preemption_requested()
-  assert checkpointing.should_stop(2)
+  assert checkpointing.should_stop()
   assert calls == [1]
   checkpointing.clear_preemption()
-  assert not checkpointing.should_stop(3)
+  assert not checkpointing.should_stop()
 
 
 def _saved_steps(directory) -> list[int]:
@@ -225,6 +226,42 @@ def test_save_on_schedule_saves_every_n_steps_and_the_last_then_stops_on_sigterm
   assert preempted.value.step == 8 and _saved_steps(tmp_path) == [3, 6, 7, 8]
   ckpt.close()
 
+
+
+class _PreemptionSync:
+  """JAX's preemption sync as one host sees it: a notice sets the sync point to the largest
+  step id reported so far + 1, and only the call with exactly that id is told to stop."""
+
+  def __init__(self):
+    self.step_ids = []
+    self.sync_point = None
+
+  def notice(self):
+    self.sync_point = max(self.step_ids) + 1
+
+  def __call__(self, step_id: int) -> bool:
+    self.step_ids.append(step_id)
+    return step_id == self.sync_point
+
+
+def test_multihost_preemption_between_two_loops_stops_the_next_one(tmp_path, monkeypatch):
+  """A notice that arrives while one loop writes its outputs stops the next loop at its
+  first step, although that loop counts its steps from 1 again."""
+  sync = _PreemptionSync()
+  monkeypatch.setattr(checkpointing, 'jax', types.SimpleNamespace(process_count=lambda: 2))
+  monkeypatch.setattr(checkpointing.multihost_utils, 'reached_preemption_sync_point', sync)
+  first = checkpointing.Checkpointer(str(tmp_path / 'first'), async_save=False)
+  for step in range(1, 4):
+    first.save_on_schedule(step, {'x': jnp.float32(step)}, {'step': step}, 100, 3)
+  first.close()
+  sync.notice()
+  second = checkpointing.Checkpointer(str(tmp_path / 'second'), async_save=False)
+  with pytest.raises(checkpointing.Preempted) as preempted:
+    for step in range(1, 4):
+      second.save_on_schedule(step, {'x': jnp.float32(step)}, {'step': step}, 100, 3)
+  second.close()
+  assert preempted.value.step == 1 and _saved_steps(tmp_path / 'second') == [1]
+  assert sync.step_ids == sorted(set(sync.step_ids))  # strictly increasing
 
 _LOOP = textwrap.dedent('''
     import sys, time
@@ -310,7 +347,7 @@ _HOST = textwrap.dedent('''
     while time.time() < deadline:
       step += 1
       time.sleep(0.02)
-      if checkpointing.should_stop(step):
+      if checkpointing.should_stop():
         print('stop', step, flush=True)
         sys.exit(0)
     sys.exit(1)
