@@ -9,15 +9,17 @@ devices fails at the first step. `validate` runs right after flag parsing and ra
 Rules that are choices of this module:
 
 - `data.image_size` is an int >= 16. It need not be a multiple of the net's total stride
-  (32): every strided op pads SAME and sizes round up, identically in compute, counting
+  (32): every strided op pads k // 2 and sizes round up, identically in compute, counting
   and the supernet's layer shapes; below 16 most layers would run on one pixel.
 - Epoch counts are numbers, not only ints, because short runs use fractions of an epoch;
   `*.epochs` and `space.evolution_epochs` must be > 0, warm-ups >= 0.
 - Checks that cost time or depend on the machine run only for the stages in
   `config.stages`: the MAdds-cap feasibility check (stage space), the learned-space file
-  (stage search without space) and batch-size divisibility by the device and process
-  counts. The latter is skipped in a multi-process job that has not yet joined
-  `jax.distributed`, since touching a device first would make joining impossible.
+  (stage search without space), each batch size against the examples of the split the
+  stage trains on, and batch-size divisibility by the device and process counts. The
+  latter is skipped in a multi-process job that has not yet joined `jax.distributed`,
+  since touching a device first would make joining impossible; `main` runs
+  `check_devices` once it has joined.
 - Paths with a URL scheme (`gs://...`: workdir, train.net, search.space) are not probed.
 """
 
@@ -44,8 +46,11 @@ MIN_IMAGE_SIZE = 16
 # r_H counts the 5 mutable edges, the expansion gene and both mix genes.
 MAX_REFERENCE_DISTANCE = len(genome_lib.MUTABLE_EDGES) + 3
 MAX_TARGET_FRACTION = 10.0
-BATCH_SIZES = {"space": "space.batch_size", "search": "search.batch_size",
-               "train": "train.batch_size"}
+# Each stage's global batch size and the split its training steps draw from (stage 3's
+# evaluation pads its last batch, so any batch size fits 'eval').
+BATCHES = {"space": ("space.batch_size", "search_train"),
+           "search": ("search.batch_size", "search_train"),
+           "train": ("train.batch_size", "train")}
 
 
 class ConfigError(ValueError):
@@ -67,13 +72,14 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None) -> N
   _check_space(config)
   _check_search(config, stages)
   _check_train(config, stages)
+  _check_batches_fit_splits(config, stages)
   workdir = workdir or _value(config, "workdir") or None
   local_workdir = workdir is not None and not _is_remote(workdir)
   if local_workdir:
     _check_learned_space(config, stages, workdir)
   if "space" in stages:
     _check_madds_cap(config)
-  _check_devices(config, stages)
+  check_devices(config)
   if local_workdir:
     _check_workdir(workdir)  # last: it creates the directory.
 
@@ -341,6 +347,18 @@ def _check_train(config: ml_collections.ConfigDict, stages: list[str]) -> None:
   _number(config, "train.eval_every_epochs", 0)
 
 
+def _check_batches_fit_splits(config: ml_collections.ConfigDict, stages: list[str]) -> None:
+  """A stage's global batch must fit in the split it trains on (sizes known offline)."""
+  name = config.data.name
+  for stage in stages:
+    path, split = BATCHES[stage]
+    batch = _value(config, path)
+    examples = input_pipeline.num_examples(name, split)
+    if batch > examples:
+      raise ConfigError(f"{path}={batch} must be <= {examples}, the examples of split "
+                        f"{split!r} of data.name={name!r}")
+
+
 # --- Work directory, files, devices -----------------------------------------------------
 
 
@@ -414,8 +432,9 @@ def _check_madds_cap(config: ml_collections.ConfigDict) -> None:
           "space.reference_stop_epoch=0")
 
 
-def _check_devices(config: ml_collections.ConfigDict, stages: list[str]) -> None:
-  """Each global batch must split evenly over the devices and the processes."""
+def check_devices(config: ml_collections.ConfigDict) -> None:
+  """Raise `ConfigError` unless each run stage's global batch splits evenly over the
+  devices and the processes; a no-op in a multi-process job that has not joined yet."""
   import jax  # noqa: PLC0415 -- keeps importing this module free of JAX start-up.
 
   from autospace_jax import distributed  # noqa: PLC0415
@@ -428,8 +447,8 @@ def _check_devices(config: ml_collections.ConfigDict, stages: list[str]) -> None
       return  # `distributed.maybe_initialize` reports the broken environment.
   counts = (("jax.device_count()", jax.device_count()),
             ("jax.process_count()", jax.process_count()))
-  for stage in stages:
-    path = BATCH_SIZES[stage]
+  for stage in _stages(config):
+    path, _ = BATCHES[stage]
     batch = _value(config, path)
     for name, count in counts:
       if batch % count:

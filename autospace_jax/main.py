@@ -2,7 +2,8 @@
 
 With no flags it runs the embedded default (digits, CPU, minutes) through
 space -> search -> train and writes `report.md` in ./runs/<timestamp>. Restarting with
-the same command resumes from the latest checkpoints and skips finished stages.
+the same work directory resumes from the latest checkpoints and skips finished stages; a
+multi-process job must name it, since each host would pick its own timestamp.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import datetime
 import json
 import logging as std_logging
 import os
+import shlex
 import sys
 from typing import Sequence
 
@@ -35,10 +37,19 @@ def stage_list(stages: str) -> list[str]:
 
 
 def resolve_workdir(config) -> str:
+  """--workdir, else config.workdir, else ./runs/<timestamp> in a single-process run.
+
+  Raises ConfigError in a multi-process job that names none: the hosts must share one
+  directory, and a rerun must find it to resume.
+  """
   if _WORKDIR.value:
     return _WORKDIR.value
   if config.workdir:
     return config.workdir
+  if distributed.detect_cluster(os.environ) is not None:
+    raise config_validation.ConfigError(
+        "workdir is not set; a multi-process job needs --workdir=DIR (or config.workdir), "
+        "the same on every host")
   return os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
 
 
@@ -128,14 +139,15 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   config = _CONFIG.value
-  workdir = resolve_workdir(config)
   try:
+    workdir = resolve_workdir(config)
     config_validation.validate(config, workdir)
+    if distributed.maybe_initialize():
+      config_validation.check_devices(config)  # The global device count is known now.
   except config_validation.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   logging.get_absl_handler().addFilter(_OrbaxInfoFilter())
-  distributed.maybe_initialize()
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   if distributed.is_main_process():
     write_config_record(config, workdir)
@@ -148,7 +160,7 @@ def main(argv: Sequence[str]) -> None:
     run_pipeline(config, workdir)
   except checkpointing.Preempted as e:
     print(f"preempted: checkpoint saved at step {e.step} in {e.directory}; rerun the same "
-          "command to resume")
+          f"command to resume, with --workdir={shlex.quote(workdir)}")
     sys.exit(0)
   except supernet.NonFiniteLoss as e:
     print(f"error: {e}", file=sys.stderr)

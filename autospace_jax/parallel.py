@@ -27,12 +27,6 @@ class DataParallel:
   def num_devices(self) -> int:
     return self.mesh.size
 
-  def check_batch_size(self, field: str, global_batch_size: int) -> None:
-    """The global batch must split evenly over the devices."""
-    if global_batch_size % self.num_devices:
-      raise ValueError(f"{field}={global_batch_size} is not divisible by the "
-                       f"{self.num_devices} devices of the mesh")
-
   def global_batch(self, local_batch: dict) -> dict:
     """Assemble each host's slice of the batch into global arrays sharded on `data`."""
     return {k: jax.make_array_from_process_local_data(self.batch, np.asarray(v))

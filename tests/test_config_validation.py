@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 
@@ -104,6 +105,7 @@ INVALID = [
     ({"space.evolution_epochs": 0}, "space.evolution_epochs"),
     ({"space.mutation_interval": 0}, "space.mutation_interval"),
     ({"space.batch_size": -8}, "space.batch_size"),
+    ({"space.batch_size": 2000}, "space.batch_size"),
     ({"space.learning_rate": 0.0}, "space.learning_rate"),
     ({"space.momentum": 1.0}, "space.momentum"),
     ({"space.alpha_b2": 1.0}, "space.alpha_b2"),
@@ -114,6 +116,7 @@ INVALID = [
     ({"search.beta": -1.0}, "search.beta"),
     ({"search.estimator": "reinforce"}, "search.estimator"),
     ({"search.compare_irb": "yes"}, "search.compare_irb"),
+    ({"search.batch_size": 1294}, "search.batch_size"),
     ({"train.net": "/nonexistent/net.json"}, "train.net"),
     ({"stages": "train"}, "train.net"),
     ({"train.dtype": "float16"}, "train.dtype"),
@@ -121,6 +124,7 @@ INVALID = [
     ({"train.epochs": 0}, "train.epochs"),
     ({"train.weight_decay": -1e-4}, "train.weight_decay"),
     ({"train.label_smoothing": 1.0}, "train.label_smoothing"),
+    ({"train.batch_size": 1438}, "train.batch_size"),
 ]
 
 
@@ -211,6 +215,20 @@ def test_batch_sizes_of_stages_not_run_are_not_split(monkeypatch, tmp_path):
   config_validation.validate(config)
 
 
+def test_batch_sizes_must_fit_the_split_each_stage_trains_on(tmp_path):
+  assert _error(_override(presets.default(), {"space.batch_size": 1294})) == (
+      "space.batch_size=1294 must be <= 1293, the examples of split 'search_train' of "
+      "data.name='digits'")
+  assert _error(_override(presets.default(), {"train.batch_size": 1438})) == (
+      "train.batch_size=1438 must be <= 1437, the examples of split 'train' of "
+      "data.name='digits'")
+  assert "must be <= 45000," in _error(_override(
+      presets.default(), {"data.name": "cifar10", "search.batch_size": 45008}))
+  config_validation.validate(_override(presets.default(), {
+      "stages": "train", "train.net": _net_file(tmp_path), "train.batch_size": 1437,
+      "space.batch_size": 5000, "search.batch_size": 5000}))
+
+
 def test_device_check_waits_for_a_multiprocess_job_to_join(monkeypatch):
   monkeypatch.setenv("AUTOSPACE_CLUSTER", "tpu")
   monkeypatch.setattr(jax, "device_count", lambda: 3)
@@ -237,6 +255,7 @@ CLI_CASES = [
     ("--config.data.image_size=0", "data.image_size"),
     ("--config.model.width_multiplier=0.0", "model.width_multiplier"),
     ("--config.stages=evolve", "stages"),
+    ("--config.space.batch_size=2000", "space.batch_size"),
 ]
 
 
@@ -252,3 +271,47 @@ def test_command_line_reports_one_line_error(flag, field, tmp_path):
   assert len(errors) == 1, result.stderr
   assert field in errors[0]
   assert not (tmp_path / "run").exists()
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _two_processes(port: int, process_id: int) -> dict:
+  """The environment of one of two processes joining a job on localhost."""
+  return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
+              AUTOSPACE_COORDINATOR=f"localhost:{port}", AUTOSPACE_NUM_PROCESSES="2",
+              AUTOSPACE_PROCESS_ID=str(process_id))
+
+
+def test_multiprocess_job_checks_batch_sizes_once_joined(tmp_path):
+  """Two processes of one CPU device each: a batch of 63 cannot split over 2 devices."""
+  port = _free_port()
+  hosts = [subprocess.Popen(
+      [sys.executable, "-m", "autospace_jax.main", "--config.space.batch_size=63",
+       f"--workdir={tmp_path / 'run'}"], cwd=ROOT, env=_two_processes(port, i),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  try:
+    errs = [host.communicate(timeout=120)[1] for host in hosts]
+  finally:
+    for host in hosts:
+      host.kill()
+  for host, err in zip(hosts, errs):
+    assert host.returncode == 2 and "Traceback" not in err, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: space.batch_size=63 must be divisible by "
+                      "jax.device_count()=2"], err[-3000:]
+
+
+def test_multiprocess_job_needs_an_explicit_workdir(tmp_path):
+  """Each host would default to its own runs/<timestamp>, and a rerun to a new one."""
+  result = subprocess.run([sys.executable, "-m", "autospace_jax.main"], cwd=tmp_path,
+                          env=_two_processes(_free_port(), 0), capture_output=True,
+                          text=True, timeout=30)
+  assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1 and errors[0].startswith("error: workdir is not set"), errors
+  assert "--workdir=DIR" in errors[0]
+  assert not (tmp_path / "runs").exists()
