@@ -150,10 +150,11 @@ if [[ $skip_install == 0 ]]; then
   run "${ssh_all[@]}" --command="mkdir -p $remote_dir"
   run gcloud compute tpus tpu-vm scp "${common[@]}" --worker=all --recurse \
     "${sources[@]}" "$name:$remote_dir/"
-  # uv brings a Python new enough for current JAX (TPU images ship 3.10).
+  # uv brings a Python new enough for current JAX (TPU images ship 3.10). The data extra
+  # brings TensorFlow and TFDS: ImageNet's input pipeline and the gs:// backend of epath.
   install="python3 -m pip install --quiet --user uv"
   install+=" && ~/.local/bin/uv venv --seed --python $(quote "$python_version") $venv"
-  install+=" && cd $remote_dir && $venv/bin/pip install --quiet -e . 'jax[tpu]'"
+  install+=" && cd $remote_dir && $venv/bin/pip install --quiet -e '.[data]' 'jax[tpu]'"
   install+=" -f https://storage.googleapis.com/jax-releases/libtpu_releases.html"
   run "${ssh_all[@]}" --command="$install"
 fi

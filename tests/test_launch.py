@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import math
 import pathlib
+import re
 import shlex
 import shutil
 import subprocess
+import tomllib
 
 import pytest
 
@@ -32,6 +34,23 @@ def _option(argv: list[str], name: str) -> str:
   return value
 
 
+def _installed_extras(command: str) -> set[str]:
+  """The extras of this package that the `pip install -e .[...]` in `command` installs."""
+  [words] = [words for words in map(shlex.split, command.split('&&')) if '-e' in words]
+  target = words[words.index('-e') + 1]
+  match = re.fullmatch(r'\.(?:\[(.*)\])?', target)
+  assert match, target
+  return set(filter(None, (match[1] or '').split(',')))
+
+
+def _tfds_extras() -> set[str]:
+  """The extras of pyproject.toml that bring TFDS (ImageNet's input pipeline)."""
+  pyproject = tomllib.loads((LAUNCH.parent / 'pyproject.toml').read_text())
+  extras = pyproject['project']['optional-dependencies']
+  return {name for name, requirements in extras.items()
+          if any(r.startswith('tensorflow-datasets') for r in requirements)}
+
+
 def test_tpu_vm_dry_run_commands():
   commands = _dry_run('tpu_vm.sh', '--name', 'nas', '--zone', 'us-central2-b', '--type',
                       'v4-32', '--bucket', 'gs://my-bucket/', '--project', 'proj', '--spot',
@@ -48,7 +67,8 @@ def test_tpu_vm_dry_run_commands():
     assert ssh[:6] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', 'nas']
     assert '--worker=all' in ssh
   setup = _option(install, '--command')
-  assert 'pip install' in setup and '-e .' in setup and 'jax[tpu]' in setup
+  assert 'pip install' in setup and 'jax[tpu]' in setup
+  assert _installed_extras(setup) & _tfds_extras()
   assert 'libtpu_releases' in setup
   remote = shlex.split(_option(start, '--command'))
   main = remote[remote.index('-m') - 1:remote.index('>')]
@@ -78,6 +98,14 @@ def test_multi_gpu_dry_run_command():
   start = command.index('-m') - 1
   assert command[start + 1:] == ['-m', 'autospace_jax.main', '--config=configs/imagenet.py',
                                  '--workdir=/tmp/run dir', '--config.x=1']
+
+
+def test_dockerfile_installs_the_package_with_its_data_pipeline():
+  text = (LAUNCH / 'Dockerfile').read_text().replace('\\\n', ' ')
+  [install] = [line.removeprefix('RUN ') for line in text.splitlines()
+               if line.startswith('RUN ') and 'pip install' in line]
+  assert _installed_extras(install) & _tfds_extras()
+  assert 'jax[${JAX_EXTRA}]' in shlex.split(install)
 
 
 @pytest.mark.parametrize('script', ['tpu_vm.sh', 'multi_gpu.sh'])
