@@ -263,8 +263,8 @@ class ArchSearch:
       if self.writer is not None and step % self.config.log_every_steps == 0:
         self.writer.write_scalars(step, {k: float(v) for k, v in metrics.items()},
                                   f"search/{run_name(self.space_name, self.target.madds)}")
-      ckpt.save_on_schedule(step, state, {"step": step}, self.config.checkpoint.every_steps,
-                            self.total_steps)
+      ckpt.save_on_schedule(step, state, lambda: {"step": step},
+                            self.config.checkpoint.every_steps, self.total_steps)
     bar.close()
     return state
 

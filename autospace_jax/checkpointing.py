@@ -146,14 +146,15 @@ class Checkpointer:
           'away to start afresh.') from error
     return None
 
-  def save_on_schedule(self, step: int, arrays: Any, meta: dict, every_steps: int,
-                       total_steps: int) -> None:
+  def save_on_schedule(self, step: int, arrays: Any, meta: Callable[[], dict],
+                       every_steps: int, total_steps: int) -> None:
     """A training loop's checkpoint call after each step: saves every `every_steps` and
-    at the last step; after a SIGTERM saves now, waits, and raises `Preempted`."""
+    at the last step; after a SIGTERM saves now, waits, and raises `Preempted`. ``meta``
+    builds the JSON record only when a save is due (stage 1's takes milliseconds)."""
     if step % every_steps == 0 or step == total_steps:
-      self.save(step, arrays, meta, force=step == total_steps)
+      self.save(step, arrays, meta(), force=step == total_steps)
     if should_stop():
-      self.save(step, arrays, meta, force=True)
+      self.save(step, arrays, meta(), force=True)
       self.wait()
       raise Preempted(self.directory, step)
 

@@ -212,7 +212,7 @@ class SpaceSearch:
       if self.writer is not None and run.step % self.config.log_every_steps == 0:
         self.writer.write_scalars(run.step, {k: float(v) for k, v in metrics.items()},
                                   "space")
-      ckpt.save_on_schedule(run.step, state, run.to_json(),
+      ckpt.save_on_schedule(run.step, state, run.to_json,
                             self.config.checkpoint.every_steps, self.total_steps)
     bar.close()
     return state

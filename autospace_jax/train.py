@@ -131,7 +131,8 @@ class Trainer:
         self.writer.write_scalars(step, {k: float(v) for k, v in metrics.items()}, self.tag)
       if eval_every and step % eval_every == 0 and step < self.total_steps:
         history.append({"step": step, **self.evaluate(state)})
-      ckpt.save_on_schedule(step, state, {"step": step, "history": list(history)},
+      ckpt.save_on_schedule(step, state,
+                            lambda: {"step": step, "history": list(history)},  # a snapshot
                             self.config.checkpoint.every_steps, self.total_steps)
     bar.close()
     ckpt.wait()

@@ -217,12 +217,15 @@ def test_save_on_schedule_saves_every_n_steps_and_the_last_then_stops_on_sigterm
     tmp_path, sigterm_handler):
   checkpointing.install_sigterm_handler()
   ckpt = checkpointing.Checkpointer(str(tmp_path), max_to_keep=10, async_save=False)
+  records = []
   for step in range(1, 8):
-    ckpt.save_on_schedule(step, {'x': jnp.float32(step)}, {'step': step}, 3, 7)
+    ckpt.save_on_schedule(step, {'x': jnp.float32(step)},
+                          lambda: records.append(step) or {'step': step}, 3, 7)
   assert _saved_steps(tmp_path) == [3, 6, 7]
+  assert records == [3, 6, 7]  # the record is built only for a save
   os.kill(os.getpid(), signal.SIGTERM)
   with pytest.raises(checkpointing.Preempted) as preempted:
-    ckpt.save_on_schedule(8, {'x': jnp.float32(8)}, {'step': 8}, 3, 20)
+    ckpt.save_on_schedule(8, {'x': jnp.float32(8)}, lambda: {'step': 8}, 3, 20)
   assert preempted.value.step == 8 and _saved_steps(tmp_path) == [3, 6, 7, 8]
   ckpt.close()
 
@@ -252,13 +255,13 @@ def test_multihost_preemption_between_two_loops_stops_the_next_one(tmp_path, mon
   monkeypatch.setattr(checkpointing.multihost_utils, 'reached_preemption_sync_point', sync)
   first = checkpointing.Checkpointer(str(tmp_path / 'first'), async_save=False)
   for step in range(1, 4):
-    first.save_on_schedule(step, {'x': jnp.float32(step)}, {'step': step}, 100, 3)
+    first.save_on_schedule(step, {'x': jnp.float32(step)}, lambda: {'step': step}, 100, 3)
   first.close()
   sync.notice()
   second = checkpointing.Checkpointer(str(tmp_path / 'second'), async_save=False)
   with pytest.raises(checkpointing.Preempted) as preempted:
     for step in range(1, 4):
-      second.save_on_schedule(step, {'x': jnp.float32(step)}, {'step': step}, 100, 3)
+      second.save_on_schedule(step, {'x': jnp.float32(step)}, lambda: {'step': step}, 100, 3)
   second.close()
   assert preempted.value.step == 1 and _saved_steps(tmp_path / 'second') == [1]
   assert sync.step_ids == sorted(set(sync.step_ids))  # strictly increasing
@@ -277,7 +280,7 @@ _LOOP = textwrap.dedent('''
       while True:
         step += 1
         time.sleep(0.01)
-        ckpt.save_on_schedule(step, {'x': jnp.float32(step)}, {'step': step}, 50, 10**9)
+        ckpt.save_on_schedule(step, {'x': jnp.float32(step)}, lambda: {'step': step}, 50, 10**9)
     except checkpointing.Preempted as e:
       print(f'preempted {e.step} {e.directory}', flush=True)
       sys.exit(0)
