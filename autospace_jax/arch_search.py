@@ -31,6 +31,7 @@ from autospace_jax import input_pipeline
 from autospace_jax import netspec
 from autospace_jax import precompile
 from autospace_jax import progress
+from autospace_jax import seeding
 from autospace_jax import space_search
 from autospace_jax import supernet
 from autospace_jax.parallel import DataParallel
@@ -223,7 +224,7 @@ class ArchSearch:
     alpha = np.asarray(jax.device_get(state.alpha), np.float64)
     probs = supernet.softmax_np(self._masked_alpha(alpha) if searching else
                                 np.where(self.mask, 0.0, -np.inf))
-    path = supernet.sample_path(probs, np.random.default_rng([self.config.seed, 4, step]))
+    path = supernet.sample_path(probs, seeding.generator(self.config.seed, "search_path", step))
     self.precompiler.wait_for(self.candidates, path, searching)
     metrics, grads, alpha_grad, run = self.trainer.loss_and_grads(
         state, batch, self.candidates, path, train_alpha=searching,

@@ -12,8 +12,9 @@ with local_batch = global_batch_size // process_count.
 Why it is built this way:
 - A checkpoint stores only the step, so a stream is a pure function of (seed, step):
   `make_iterator(..., start_step=n)` yields exactly what the uninterrupted iterator
-  yields from step n on. Epoch e is shuffled with a seed derived from (seed, e), and
-  augmentation randomness is derived from (seed, epoch, position) or (seed, step).
+  yields from step n on. Epoch e is shuffled with a seed derived from (seed, e) (and the
+  host, for TFDS), and augmentation randomness is derived from (seed, epoch, host,
+  position) or (seed, step); `seeding` keeps these streams apart.
 - Training-type splits ('train', 'search_train', 'search_val') repeat forever and drop
   the remainder of each epoch; 'eval' yields each example once, in order, with the last
   batch padded and 'mask' marking real rows. Every host yields the same number of eval
@@ -55,6 +56,8 @@ import math
 from typing import Any, Iterator
 
 import numpy as np
+
+from autospace_jax import seeding
 
 DATASETS = ("digits", "cifar10", "imagenet2012")
 SPLITS = ("train", "eval", "search_train", "search_val")
@@ -180,11 +183,6 @@ def _image_size(data_config: Any) -> int:
   return int(size)
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
-  """A 31-bit seed for epoch `epoch` of a run seeded with `seed`."""
-  return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0] >> 1)
-
-
 # --- digits: in memory, numpy only ---
 
 
@@ -261,12 +259,12 @@ def _digits_iterator(split: str, image_size: int, global_batch: int, local_batch
   while True:
     if step // steps != epoch:
       epoch = step // steps
-      perm = np.random.default_rng(_epoch_seed(seed, epoch)).permutation(n)
+      perm = seeding.generator(seed, "epoch_order", epoch).permutation(n)
     offset = (step % steps) * global_batch
     index = perm[offset:offset + global_batch]
     batch = images[index]
     if split != "search_val":
-      batch = _random_translate(batch, np.random.default_rng([seed, step]))
+      batch = _random_translate(batch, seeding.generator(seed, "augmentation", step))
     yield {"image": _rgb(batch[rows]), "label": labels[index[rows]]}
     step += 1
 
@@ -387,12 +385,15 @@ def _tfds_iterator(data_config: Any, split: str, image_size: int, local_batch: i
                      f"split {split!r}, fewer than its batch of {local_batch}")
   epoch, offset = divmod(start_step, steps)
   while True:
-    epoch_seed = _epoch_seed(seed, epoch)
+    epoch_seed = seeding.integer_seed(seed, "epoch_order", epoch, process_index)
+    # Per host: hosts read different examples and must not share augmentation draws.
+    augment_seed = tf.constant(seeding.integer_seed(seed, "augmentation", epoch,
+                                                    process_index), tf.int64)
     ds = read(epoch_seed).shuffle(min(data_config.get("shuffle_buffer", 10_000), count),
                                   seed=epoch_seed, reshuffle_each_iteration=False)
     ds = ds.take(steps * local_batch).enumerate().skip(offset * local_batch)
     ds = ds.map(lambda i, example: {
-        "image": preprocess(example[0], tf.stack([tf.constant(epoch_seed, tf.int64), i])),
+        "image": preprocess(example[0], tf.stack([augment_seed, i])),
         "label": example[1]}, num_parallel_calls=autotune)
     yield from tfds.as_numpy(ds.batch(local_batch, drop_remainder=True).prefetch(autotune))
     epoch, offset = epoch + 1, 0

@@ -30,6 +30,7 @@ from autospace_jax import input_pipeline
 from autospace_jax import netspec
 from autospace_jax import precompile
 from autospace_jax import progress
+from autospace_jax import seeding
 from autospace_jax import supernet
 from autospace_jax.parallel import DataParallel
 
@@ -117,8 +118,8 @@ class SpaceSearch:
   def evolution_epoch(self, step: int) -> float:
     return (step - self.warmup_steps) / self.steps_per_epoch
 
-  def _rng(self, *keys: int) -> np.random.Generator:
-    return np.random.default_rng([self.config.seed, *keys])
+  def _rng(self, stream: str, *keys: int) -> np.random.Generator:
+    return seeding.generator(self.config.seed, stream, *keys)
 
   def _feasible(self, layer: int, reference_active: bool):
     shape, constraint = self.shapes[layer], self.constraints[layer]
@@ -131,7 +132,7 @@ class SpaceSearch:
     populations, slots = [], []
     for layer in range(len(self.shapes)):
       feasible = [g for g in all_genomes if self._feasible(layer, reference_active)(g)]
-      rng = self._rng(0, layer)
+      rng = self._rng("initial_population", layer)
       populations.append(evolution.initial_population(self.cfg.population_size, feasible,
                                                       rng))
       slots.append(rng.choice(self.cfg.population_size, self.cfg.num_cells, replace=False))
@@ -139,7 +140,7 @@ class SpaceSearch:
 
   def redraw_warmup_cells(self, run: SpaceRun) -> None:
     for layer, p in enumerate(run.populations):
-      rng = self._rng(1, run.step, layer)
+      rng = self._rng("warmup_cells", run.step, layer)
       run.slots[layer] = rng.choice(len(p), self.cfg.num_cells, replace=False)
 
   def evolution_round(self, run: SpaceRun, state: supernet.TrainState
@@ -155,7 +156,8 @@ class SpaceSearch:
                            run.alpha_steps_since_round)
       run.slots[layer] = evolution.evolve_layer(
           population, run.slots[layer], self.settings, team,
-          self._feasible(layer, reference_active), run.step, self._rng(2, run.step, layer))
+          self._feasible(layer, reference_active), run.step,
+          self._rng("evolution", run.step, layer))
       new_alpha[layer] = population.alpha[run.slots[layer]]
     run.alpha_steps_since_round = 0
     run.history.append({"step": run.step, "epoch": epoch, "team_size": team,
@@ -234,7 +236,7 @@ class SpaceSearch:
       probs = supernet.softmax_np(np.asarray(jax.device_get(state.alpha), np.float64))
     else:
       probs = np.full((len(candidates), self.cfg.num_cells), 1.0 / self.cfg.num_cells)
-    path = supernet.sample_path(probs, self._rng(3, run.step))
+    path = supernet.sample_path(probs, self._rng("space_path", run.step))
     self.precompiler.wait_for(candidates, path, evolving)
     metrics, grads, alpha_grad, path_run = self.trainer.loss_and_grads(
         state, batch, candidates, path, train_alpha=evolving)

@@ -38,6 +38,7 @@ from autospace_jax import cells
 from autospace_jax import genome as genome_lib
 from autospace_jax import netspec
 from autospace_jax import ops
+from autospace_jax import seeding
 from autospace_jax.parallel import DataParallel
 
 Op = Any  # a Genome or netspec.ZERO
@@ -272,7 +273,7 @@ def layer_name(index: int) -> str:
 
 def init_variables(spec: SupernetSpec, seed: int) -> dict:
   """{'params': ..., 'batch_stats': ...} for the fixed parts and every layer's bank."""
-  host_rng = np.random.default_rng(seed)
+  host_rng = seeding.generator(seed, "supernet_weights")
   params: dict[str, Any] = {"layers": {}}
   stats: dict[str, Any] = {"layers": {}}
   inputs = _fixed_inputs(spec)

@@ -26,6 +26,7 @@ from autospace_jax import counting
 from autospace_jax import input_pipeline
 from autospace_jax import netspec
 from autospace_jax import progress
+from autospace_jax import seeding
 from autospace_jax import supernet
 from autospace_jax.parallel import DataParallel
 
@@ -96,7 +97,7 @@ class Trainer:
     self._eval_step = jax.jit(functools.partial(eval_step, self.model))
 
   def init_state(self) -> TrainState:
-    _, variables = cells.init_net(self.net, np.random.default_rng([self.config.seed, 2]))
+    _, variables = cells.init_net(self.net, seeding.generator(self.config.seed, "net_weights"))
     params = variables["params"]
     return self.parallel.replicate(TrainState(jnp.zeros((), jnp.int32), params,
                                               variables["batch_stats"], self.tx.init(params)))
