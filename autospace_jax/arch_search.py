@@ -1,8 +1,12 @@
 """Stage 2: ProxylessNAS-style gradient search in a space under a MAdds target (SPEC §7).
 
 Candidates per layer are the space's K cells plus Zero on every layer that is not the
-first of its stage. The same supernet as stage 1 trains weights and α together; α's loss
-is CE * (log E[MAdds] / log target)^β. The derived net takes the argmax per layer and is
+first of its stage. The same supernet as stage 1 runs the steps, but as in ProxylessNAS
+weights and α learn from different data: each weight step trains a path drawn from α on a
+'search_train' batch (label-smoothed CE), and after warm-up every
+`search.alpha_update_every` weight steps an α step draws a fresh path and follows
+CE * (log E[MAdds] / log target)^β on a held-out 'search_val' batch (plain CE), its BN in
+training mode. The derived net takes the argmax per layer and is
 then nudged, one layer at a time, until its MAdds lie within 5% of the target (10% counts
 as met) **[choice]**: the regulariser steers E[MAdds], not the argmax net's MAdds.
 The learned space and the IRB baseline space go through this same code.
@@ -219,18 +223,41 @@ class ArchSearch:
                          float(self.fixed_madds), float(np.log(self.target.madds)),
                          beta=float(self.cfg.beta))
 
-  def train_step(self, state, step: int, batch: dict):
-    searching = step >= self.warmup_steps
+  def _sample_path(self, state, uniform: bool, rng: np.random.Generator) -> list[int]:
+    """A path drawn from softmax(α), or uniformly (warm-up), over the unpadded candidates."""
     alpha = np.asarray(jax.device_get(state.alpha), np.float64)
-    probs = supernet.softmax_np(self._masked_alpha(alpha) if searching else
-                                np.where(self.mask, 0.0, -np.inf))
-    path = supernet.sample_path(probs, seeding.generator(self.config.seed, "search_path", step))
-    self.precompiler.wait_for(self.candidates, path, searching)
-    metrics, grads, alpha_grad, run = self.trainer.loss_and_grads(
-        state, batch, self.candidates, path, train_alpha=searching,
-        alpha_loss=self.alpha_gradient)
+    return supernet.sample_path(supernet.softmax_np(
+        np.where(self.mask, 0.0, -np.inf) if uniform else self._masked_alpha(alpha)), rng)
+
+  def train_step(self, state, step: int, batch: dict):
+    """A weight step on a path drawn from α (uniformly during warm-up)."""
+    path = self._sample_path(state, step < self.warmup_steps,
+                             seeding.generator(self.config.seed, "search_path", step))
+    self.precompiler.wait_for(self.candidates, path, False)
+    metrics, grads, _, run = self.trainer.loss_and_grads(state, batch, self.candidates,
+                                                         path, train_alpha=False)
     supernet.check_finite(metrics["loss"], "search", step)
-    return self.trainer.apply(state, grads, alpha_grad if searching else None, run), metrics
+    return self.trainer.apply(state, grads, None, run), metrics
+
+  def alpha_update_due(self, step: int) -> bool:
+    """Whether an α step follows the weight step that completed ``step`` steps."""
+    searched = step - self.warmup_steps
+    return searched > 0 and searched % self.cfg.alpha_update_every == 0
+
+  def alpha_steps_before(self, step: int) -> int:
+    """α steps taken once ``step`` weight steps are done: the held-out stream's position."""
+    return max(step - self.warmup_steps, 0) // self.cfg.alpha_update_every
+
+  def alpha_step(self, state, step: int, batch: dict):
+    """ProxylessNAS's architecture step on a held-out batch and a fresh path from α."""
+    path = self._sample_path(state, False,
+                             seeding.generator(self.config.seed, "search_alpha_path", step))
+    self.precompiler.wait_for(self.candidates, path, True)
+    metrics, _, alpha_grad, run = self.trainer.loss_and_grads(
+        state, batch, self.candidates, path, train_alpha=True,
+        alpha_loss=self.alpha_gradient, label_smoothing=0.0)
+    supernet.check_finite(metrics["loss"], "search (α step)", step)
+    return self.trainer.apply_alpha(state, alpha_grad, run)
 
   def run(self) -> dict:
     epath.Path(self.workdir).mkdir(parents=True, exist_ok=True)
@@ -239,27 +266,38 @@ class ArchSearch:
                                       self.config.checkpoint.max_to_keep)
     step, state, _ = ckpt.restore_or_init(self._init_state, self.parallel,
                                           f"search {self.workdir}")
-    data = input_pipeline.make_iterator(
-        self.config.data, "search_train", self.cfg.batch_size, seed=self.config.seed,
-        start_step=step, process_index=jax.process_index(), process_count=jax.process_count())
+    hosts = {"process_index": jax.process_index(), "process_count": jax.process_count()}
+    data = input_pipeline.make_iterator(self.config.data, "search_train",
+                                        self.cfg.batch_size, seed=self.config.seed,
+                                        start_step=step, **hosts)
+    held_out = input_pipeline.make_iterator(self.config.data, "search_val",
+                                            self.cfg.batch_size, seed=self.config.seed,
+                                            start_step=self.alpha_steps_before(step), **hosts)
     with self.precompiler:
-      state = self._train(state, step, data, ckpt)
+      state = self._train(state, step, data, held_out, ckpt)
     ckpt.wait()
     ckpt.close()
     return self.write_outputs(np.asarray(jax.device_get(state.alpha), np.float64))
 
   def _train(self, state: supernet.TrainState, step: int, data: Iterator[dict],
-             ckpt: checkpointing.Checkpointer) -> supernet.TrainState:
-    """The search loop from ``step`` on, after queueing the compiling of every candidate."""
+             held_out: Iterator[dict], ckpt: checkpointing.Checkpointer
+             ) -> supernet.TrainState:
+    """The search loop from ``step`` on, after queueing the compiling of every candidate
+    (for weight steps, then for α steps if any are to come)."""
     if step < self.total_steps:
       batch, data = precompile.first_batch(data)
-      self.precompiler.submit_candidates(state, batch, self.candidates,
-                                         step >= self.warmup_steps)
+      self.precompiler.submit_candidates(state, batch, self.candidates, False)
+      if self.alpha_steps_before(self.total_steps) > self.alpha_steps_before(step):
+        batch, held_out = precompile.first_batch(held_out)
+        self.precompiler.submit_candidates(state, batch, self.candidates, True,
+                                           label_smoothing=0.0)
     bar = progress.Bar(self.total_steps, f"search {self.space_name} {self.target.tag}",
                        initial=step)
     while step < self.total_steps:
       state, metrics = self.train_step(state, step, next(data))
       step += 1
+      if self.alpha_update_due(step):
+        state = self.alpha_step(state, step, next(held_out))
       bar.update(step, metrics)
       if self.writer is not None and step % self.config.log_every_steps == 0:
         self.writer.write_scalars(step, {k: float(v) for k, v in metrics.items()},

@@ -46,11 +46,11 @@ MIN_IMAGE_SIZE = 16
 # r_H counts the 5 mutable edges, the expansion gene and both mix genes.
 MAX_REFERENCE_DISTANCE = len(genome_lib.MUTABLE_EDGES) + 3
 MAX_TARGET_FRACTION = 10.0
-# Each stage's global batch size and the split its training steps draw from (stage 3's
-# evaluation pads its last batch, so any batch size fits 'eval').
-BATCHES = {"space": ("space.batch_size", "search_train"),
-           "search": ("search.batch_size", "search_train"),
-           "train": ("train.batch_size", "train")}
+# Each stage's global batch size and the splits its steps draw from (stage 3's evaluation
+# pads its last batch, so any batch size fits 'eval').
+BATCHES = {"space": ("space.batch_size", ("search_train",)),
+           "search": ("search.batch_size", ("search_train", "search_val")),
+           "train": ("train.batch_size", ("train",))}
 
 
 class ConfigError(ValueError):
@@ -327,6 +327,7 @@ def _check_search(config: ml_collections.ConfigDict, stages: list[str]) -> None:
   _int(config, "search.batch_size", 1)
   _check_optimizer(config, "search")
   _number(config, "search.alpha_learning_rate", 0, low_open=True)
+  _int(config, "search.alpha_update_every", 1)
   _number(config, "search.beta", 0)
   _choice(config, "search.estimator", ESTIMATORS)
 
@@ -351,12 +352,13 @@ def _check_batches_fit_splits(config: ml_collections.ConfigDict, stages: list[st
   """A stage's global batch must fit in the split it trains on (sizes known offline)."""
   name = config.data.name
   for stage in stages:
-    path, split = BATCHES[stage]
+    path, splits = BATCHES[stage]
     batch = _value(config, path)
-    examples = input_pipeline.num_examples(name, split)
-    if batch > examples:
-      raise ConfigError(f"{path}={batch} must be <= {examples}, the examples of split "
-                        f"{split!r} of data.name={name!r}")
+    for split in splits:
+      examples = input_pipeline.num_examples(name, split)
+      if batch > examples:
+        raise ConfigError(f"{path}={batch} must be <= {examples}, the examples of split "
+                          f"{split!r} of data.name={name!r}")
 
 
 # --- Work directory, files, devices -----------------------------------------------------

@@ -1,7 +1,7 @@
 """Data sources for the three stages: deterministic, resumable, per-host numpy batches.
 
-Stage 1 (space search) and stage 2 (architecture search) train on `search_train` and
-hold out `search_val` (ProxylessNAS style); stage 3 trains on `train` and evaluates on
+Stages 1 and 2 train weights on `search_train`; stage 2 trains α on the held-out
+`search_val` (ProxylessNAS style; stage 1 trains α with the weights, SPEC §5); stage 3 trains on `train` and evaluates on
 `eval`. Every split yields dicts of numpy arrays:
 
   {'image': float32 [local_batch, S, S, 3] normalised with the data set's mean/std,

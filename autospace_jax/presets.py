@@ -66,6 +66,9 @@ def imagenet() -> ml_collections.ConfigDict:
   config.search.weight_decay = 4e-5
   config.search.label_smoothing = 0.1
   config.search.alpha_learning_rate = 1e-3
+  # After warm-up, one α step on a held-out 'search_val' batch (plain CE, a freshly
+  # sampled path) after every this many weight steps, as ProxylessNAS does (its default).
+  config.search.alpha_update_every = 5
   config.search.beta = 0.6                   # arch loss CE * (log E[MAdds]/log T)^β
   config.search.estimator = "proxyless"      # proxyless | sampled
 
@@ -145,6 +148,7 @@ def default() -> ml_collections.ConfigDict:
   config.search.warmup_epochs = 1.0
   config.search.epochs = 2.0
   config.search.learning_rate = 0.025
+  config.search.alpha_update_every = 1  # 40 searching steps: α needs every one of them
   config.search.estimator = "sampled"
 
   config.train.batch_size = 64

@@ -13,7 +13,8 @@ from __future__ import annotations
 import numpy as np
 
 STREAMS = ("supernet_weights", "initial_population", "warmup_cells", "evolution",
-           "space_path", "search_path", "net_weights", "epoch_order", "augmentation")
+           "space_path", "search_path", "net_weights", "epoch_order", "augmentation",
+           "search_alpha_path")
 
 
 def _sequence(seed: int, stream: str, keys: tuple[int, ...]) -> np.random.SeedSequence:

@@ -694,13 +694,15 @@ class SupernetTrainer:
 
   def loss_and_grads(self, state: TrainState, batch: dict, candidates: Sequence[Sequence[Op]],
                      path: Sequence[int], train_alpha: bool,
-                     alpha_loss: Callable[[jax.Array, jax.Array], jax.Array] | None = None):
+                     alpha_loss: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+                     label_smoothing: float | None = None):
     """Forward the path and run its tape backward; returns (metrics, grads, alpha_grad,
     run). ``grads`` holds an entry for every fixed part and every bank entry of the
-    sampled cells (zeros where the loss does not depend on it, as autodiff would give)."""
+    sampled cells (zeros where the loss does not depend on it, as autodiff would give).
+    ``label_smoothing`` overrides the trainer's (stage 2's α steps use plain CE)."""
     run = PathRun()
     logits, labels, ce, leaves = self._forward_backward(state, batch, candidates, path,
-                                                        train_alpha, run)
+                                                        train_alpha, run, label_smoothing)
     alpha_grad = None
     if train_alpha:
       alpha_grad = leaves.pop(ALPHA.key, None)
@@ -722,25 +724,29 @@ class SupernetTrainer:
 
   def _forward_backward(self, state: TrainState, batch: dict,
                         candidates: Sequence[Sequence[Op]], path: Sequence[int],
-                        train_alpha: bool, run: PathRun) -> tuple[Any, Any, Any, dict]:
+                        train_alpha: bool, run: PathRun,
+                        label_smoothing: float | None = None
+                        ) -> tuple[Any, Any, Any, dict]:
     """(logits, labels, loss, leaf cotangents) of one step on ``path``, taped on ``run``."""
     images, labels = self.shard(batch)
     logits = forward_path(self.spec, state.params, state.batch_stats,
                           state.alpha if train_alpha else None, images, candidates, path,
                           self.estimator, run, self.alpha_mask)
+    smoothing = self.label_smoothing if label_smoothing is None else label_smoothing
     ce, logits_ct = run.call(_cross_entropy_and_grad, logits, labels,
-                             label_smoothing=self.label_smoothing)
+                             label_smoothing=smoothing)
     return logits, labels, ce, run.backward(logits, logits_ct)
 
   def compile_path(self, state: TrainState, batch: dict, candidates: Sequence[Sequence[Op]],
-                   path: Sequence[int], train_alpha: bool) -> None:
+                   path: Sequence[int], train_alpha: bool,
+                   label_smoothing: float | None = None) -> None:
     """Compile, without running them, the programs a step on ``path`` calls: op forwards
     and VJPs, the glue between them and the updates of the entries that get gradients
     (the batch is put on the devices and the learning rate computed, as a step does).
     `Precompiler` runs this on background threads ahead of the steps."""
     run = PathRun(compile_only=True)
     _, _, _, leaves = self._forward_backward(state, batch, candidates, path, train_alpha,
-                                             run)
+                                             run, label_smoothing)
     learning_rate = self.learning_rate(state.step)
     for key, grad in leaves.items():
       if key != ALPHA.key:
@@ -775,6 +781,16 @@ class SupernetTrainer:
                                                   alpha_grad)
       state = state.replace(alpha=alpha, alpha_opt_state=alpha_opt_state)
     return state
+
+  def apply_alpha(self, state: TrainState, alpha_grad: jax.Array, run: PathRun
+                  ) -> TrainState:
+    """An α-only step (stage 2's, on held-out data): α and the BN statistics of the ops
+    that ran change (their BN runs in training mode, as in ProxylessNAS); weights, their
+    optimizer state and the step counter that drives the learning rate do not."""
+    alpha, alpha_opt_state = self._alpha_update(state.alpha, state.alpha_opt_state,
+                                                alpha_grad)
+    return state.replace(alpha=alpha, alpha_opt_state=alpha_opt_state,
+                         batch_stats=_with_entries(state.batch_stats, run.batch_stats))
 
   def reset_alpha(self, state: TrainState, alpha: np.ndarray) -> TrainState:
     """New cells took the slots: their α, and a fresh α optimizer state (the slots'

@@ -1,6 +1,7 @@
 """Stage 2: derived nets meet their MAdds targets, the arch loss is the SPEC's, and the
 official 11-layer space file drives the 21-layer skeleton."""
 
+import collections
 import logging
 import os
 
@@ -12,9 +13,10 @@ import pytest
 from autospace_jax import arch_search
 from autospace_jax import counting
 from autospace_jax import genome as genome_lib
+from autospace_jax import input_pipeline
 from autospace_jax import netspec
 from autospace_jax import presets
-from conftest import reference_file
+from conftest import reference_file, short_schedule, tiny_config
 
 
 def irb_search(tmp_path, target: int, config=None) -> arch_search.ArchSearch:
@@ -72,6 +74,50 @@ def test_unreachable_target_is_reported_with_the_space_range(tmp_path, caplog):
   caplog.clear()
   irb_search(tmp_path, (low + high) // 2).warn_if_unreachable()
   assert caplog.text == ""
+
+
+def test_weights_learn_from_search_train_and_alpha_from_held_out_batches(tmp_path,
+                                                                        monkeypatch):
+  config = short_schedule(tiny_config(), warmup=0.1, main=0.2)  # 4 + 8 steps
+  config.search.alpha_update_every = 3
+  config.precompile_threads = 0
+  layers = sum(config.model.layers_per_stage)
+  space = [[genome_lib.REFERENCE, genome_lib.irb(5, 3)]] * layers
+  search = arch_search.ArchSearch(config, str(tmp_path), space, "learned",
+                                  arch_search.Target(10**6))
+  drawn = collections.Counter()
+  make_iterator = input_pipeline.make_iterator
+
+  def counting_iterator(data, split, *args, **kwargs):
+    for batch in make_iterator(data, split, *args, **kwargs):
+      drawn[split] += 1
+      yield batch
+
+  monkeypatch.setattr(input_pipeline, "make_iterator", counting_iterator)
+  calls = []
+  loss_and_grads, apply_alpha = search.trainer.loss_and_grads, search.trainer.apply_alpha
+
+  def recording_loss_and_grads(state, batch, candidates, path, train_alpha, **kwargs):
+    calls.append((train_alpha, kwargs.get("label_smoothing")))
+    return loss_and_grads(state, batch, candidates, path, train_alpha, **kwargs)
+
+  def checked_apply_alpha(state, alpha_grad, run):
+    new = apply_alpha(state, alpha_grad, run)
+    assert int(new.step) == int(state.step)  # the learning rate schedule does not move
+    for old_leaf, new_leaf in zip(jax.tree.leaves((state.params, state.opt_state)),
+                                  jax.tree.leaves((new.params, new.opt_state))):
+      np.testing.assert_array_equal(old_leaf, new_leaf)
+    assert not np.array_equal(new.alpha, state.alpha)
+    return new
+
+  monkeypatch.setattr(search.trainer, "loss_and_grads", recording_loss_and_grads)
+  monkeypatch.setattr(search.trainer, "apply_alpha", checked_apply_alpha)
+  search.run()
+  assert (search.warmup_steps, search.total_steps) == (4, 12)
+  assert drawn == {"search_train": 12, "search_val": 2}  # α after weight steps 7 and 10
+  assert calls.count((False, None)) == 12
+  assert calls.count((True, 0.0)) == 2  # ProxylessNAS's architecture loss: plain CE
+  assert len(calls) == 14
 
 
 def test_arch_loss_is_cross_entropy_times_the_expected_madds_penalty():

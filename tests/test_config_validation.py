@@ -117,6 +117,7 @@ INVALID = [
     ({"search.estimator": "reinforce"}, "search.estimator"),
     ({"search.compare_irb": "yes"}, "search.compare_irb"),
     ({"search.batch_size": 1294}, "search.batch_size"),
+    ({"search.alpha_update_every": 0}, "search.alpha_update_every"),
     ({"train.net": "/nonexistent/net.json"}, "train.net"),
     ({"stages": "train"}, "train.net"),
     ({"train.dtype": "float16"}, "train.dtype"),
@@ -224,6 +225,9 @@ def test_batch_sizes_must_fit_the_split_each_stage_trains_on(tmp_path):
       "data.name='digits'")
   assert "must be <= 45000," in _error(_override(
       presets.default(), {"data.name": "cifar10", "search.batch_size": 45008}))
+  assert _error(_override(presets.default(), {"search.batch_size": 145})) == (  # α batches
+      "search.batch_size=145 must be <= 144, the examples of split 'search_val' of "
+      "data.name='digits'")
   config_validation.validate(_override(presets.default(), {
       "stages": "train", "train.net": _net_file(tmp_path), "train.batch_size": 1437,
       "space.batch_size": 5000, "search.batch_size": 5000}))
