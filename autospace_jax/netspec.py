@@ -88,6 +88,12 @@ def is_irb(op: Op) -> bool:
   return kernel in genome_lib.CONV_CODES and op == genome_lib.irb(kernel, op.expansion)
 
 
+def block_kind(op: Op) -> str:
+  """How a searched layer is written: an IRB as MBInvertedConvLayer (which stock
+  ProxylessNAS tools read), any other cell as Motif, Zero as ZeroLayer."""
+  return "zero" if op == ZERO else "mbconv" if is_irb(op) else "motif"
+
+
 # --- Skeleton (SPEC §2) -------------------------------------------------------------------
 
 

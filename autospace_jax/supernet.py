@@ -80,7 +80,7 @@ class SupernetSpec:
     """The static net that runs ``ops`` in the searchable layers."""
     layers = [self.first_block] + [
         netspec.LayerSpec(s.in_channels, s.out_channels, s.stride, op,
-                          "zero" if op == netspec.ZERO else "motif")
+                          netspec.block_kind(op))
         for s, op in zip(self.layers, ops)]
     return netspec.NetSpec(tuple(layers), self.stem_channels, self.head_channels,
                            self.num_classes, self.resolution, self.bn_momentum, self.bn_eps,

@@ -2,6 +2,7 @@
 official 11-layer space file drives the 21-layer skeleton."""
 
 import collections
+import json
 import logging
 import os
 
@@ -52,6 +53,16 @@ def test_derived_net_lands_within_ten_percent_of_each_default_target(tmp_path, f
   assert abs(result["madds_error"]) <= arch_search.MADDS_TOLERANCE
   net = netspec.load_net(os.path.join(search.workdir, arch_search.NET_FILE))
   assert counting.net_cost(net).madds == result["madds"]  # the file is the reported net
+
+
+def test_nets_from_the_irb_space_are_written_as_blocks_stock_proxylessnas_reads(tmp_path):
+  search = irb_search(tmp_path, 1)
+  os.makedirs(search.workdir)
+  search.write_outputs(np.random.default_rng(0).normal(size=search.mask.shape))
+  with open(os.path.join(search.workdir, arch_search.NET_FILE)) as f:
+    blocks = json.load(f)["blocks"]
+  names = {block["mobile_inverted_conv"]["name"] for block in blocks[1:]}
+  assert names <= {"MBInvertedConvLayer", "ZeroLayer"} and "MBInvertedConvLayer" in names
 
 
 def test_derive_keeps_the_argmax_when_it_already_meets_the_target(tmp_path):
