@@ -30,6 +30,7 @@ import numpy as np
 from autospace_jax import checkpointing
 from autospace_jax import counting
 from autospace_jax import distributed
+from autospace_jax import files
 from autospace_jax import genome as genome_lib
 from autospace_jax import input_pipeline
 from autospace_jax import netspec
@@ -325,7 +326,7 @@ class ArchSearch:
                            for op in ops]}
     if jax.process_index() == 0:
       netspec.save_net(net, os.path.join(self.workdir, NET_FILE))
-      (epath.Path(self.workdir) / RESULT_FILE).write_text(json.dumps(result, indent=1))
+      files.write_text(os.path.join(self.workdir, RESULT_FILE), json.dumps(result, indent=1))
     distributed.sync_processes("searched net written")  # stage 3 loads it on every host
     print(f"search {self.space_name} target {self.target.madds:,}: params={cost.params:,} "
           f"madds={cost.madds:,} ({result['madds_error']:+.1%})")

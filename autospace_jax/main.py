@@ -24,6 +24,7 @@ from ml_collections import config_flags
 
 from autospace_jax import config_validation
 from autospace_jax import distributed
+from autospace_jax import files
 from autospace_jax import presets
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -132,7 +133,7 @@ def write_config_record(config, workdir: str) -> None:
   path = epath.Path(workdir) / "config.json"
   text = json.dumps(config.to_dict(), indent=1, default=list)
   if not (path.exists() and path.read_text() == text):
-    path.write_text(text)
+    files.write_text(path, text)
 
 
 def main(argv: Sequence[str]) -> None:

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 from etils import epath
 
+from autospace_jax import files
 from autospace_jax import genome as genome_lib
 from autospace_jax.genome import Genome
 
@@ -240,7 +241,7 @@ def space_to_json(space: Sequence[Sequence[Genome]]) -> dict[str, Any]:
 
 
 def _write_json(d: dict[str, Any], path: str | os.PathLike) -> None:
-  epath.Path(path).write_text(json.dumps(d, indent=4) + "\n")
+  files.write_text(path, json.dumps(d, indent=4) + "\n")
 
 
 def save_net(spec: NetSpec, path: str | os.PathLike) -> None:

@@ -25,6 +25,7 @@ import numpy as np
 from autospace_jax import checkpointing
 from autospace_jax import distributed
 from autospace_jax import evolution
+from autospace_jax import files
 from autospace_jax import genome as genome_lib
 from autospace_jax import input_pipeline
 from autospace_jax import netspec
@@ -270,7 +271,7 @@ class SpaceSearch:
                                                   ("final", run.populations))}
     if jax.process_index() == 0:
       netspec.save_space(space, os.path.join(self.workdir, SPACE_CONFIG))
-      (epath.Path(self.workdir) / SPACE_JSON).write_text(json.dumps(
+      files.write_text(os.path.join(self.workdir, SPACE_JSON), json.dumps(
           {"layers": [dataclasses.asdict(s) for s in self.shapes], "cells": records,
            "history": run.history, "population_madds": population_madds,
            "steps": run.step}))

@@ -23,6 +23,7 @@ import optax
 from autospace_jax import cells
 from autospace_jax import checkpointing
 from autospace_jax import counting
+from autospace_jax import files
 from autospace_jax import input_pipeline
 from autospace_jax import netspec
 from autospace_jax import progress
@@ -147,7 +148,7 @@ class Trainer:
       self.writer.write_scalars(step, {"eval_top1": final["top1"], "eval_top5": final["top5"]},
                                 self.tag)
     if jax.process_index() == 0:
-      (epath.Path(self.workdir) / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
+      files.write_text(os.path.join(self.workdir, METRICS_FILE), json.dumps(metrics, indent=1))
     print(f"{self.tag}: top-1 {final['top1']:.2%} top-5 {final['top5']:.2%} "
           f"params={cost.params:,} madds={cost.madds:,}")
     return metrics
