@@ -1,7 +1,8 @@
 """Stage 2: ProxylessNAS-style gradient search in a space under a MAdds target (SPEC §7).
 
 Candidates per layer are the space's K cells plus Zero on every layer that is not the
-first of its stage. The same supernet as stage 1 runs the steps, but as in ProxylessNAS
+first of its stage, each with its own weights (ProxylessNAS's mixed ops; stage 1's cells
+share a per-layer bank instead). The same supernet as stage 1 runs the steps, but as in ProxylessNAS
 weights and α learn from different data: each weight step trains a path drawn from α on a
 'search_train' batch (label-smoothed CE), and after warm-up every
 `search.alpha_update_every` weight steps an α step draws a fresh path and follows
@@ -180,8 +181,10 @@ class ArchSearch:
     space = expand_space(space, lps)
     codes = sorted({c for cells in space for g in cells for c in g.edges
                     if c in genome_lib.CONV_CODES})
-    self.spec = space_search.supernet_spec(config, info.num_classes, tuple(codes))
     self.candidates, self.mask = pad_candidates(candidates_for(space, lps))
+    self.spec = dataclasses.replace(
+        space_search.supernet_spec(config, info.num_classes, tuple(codes)),
+        slot_cells=tuple(map(tuple, self.candidates)))
     shapes = space_search.cell_shapes(self.spec)
     self.candidate_madds = np.array([[0 if op == netspec.ZERO else shapes[i].madds(op)
                                       for op in ops] for i, ops in enumerate(self.candidates)],

@@ -71,6 +71,10 @@ class SupernetSpec:
   conv_codes: tuple[int, ...] = (3, 5)
   bn_momentum: float = 0.1  # PyTorch convention, as in NetSpec.
   bn_eps: float = 1e-3
+  # Stage 2: each layer's (padded) candidates, every one with its own weights, as the
+  # candidate ops of a ProxylessNAS mixed op. None (stage 1): the K cells of a layer share
+  # its bank keyed by (op name, expansion), SPEC §5, and mutated cells inherit weights.
+  slot_cells: tuple[tuple[Op, ...], ...] | None = None
 
   @property
   def bn(self) -> dict[str, float]:
@@ -215,6 +219,12 @@ def bank_entry(name: str, genome: genome_lib.Genome) -> str:
   return f"{name}_e{genome.expansion}"
 
 
+def slot_entry(spec: SupernetSpec, slot: int, entry: str) -> str:
+  """The bank key ``entry`` of candidate ``slot``: itself in a shared bank, else prefixed
+  by the slot (`SupernetSpec.slot_cells`)."""
+  return entry if spec.slot_cells is None else f"slot{slot}_{entry}"
+
+
 def _covering_genomes(conv_codes: Sequence[int]) -> list[genome_lib.Genome]:
   """Genomes that together touch every bank entry: all edges conv k, both mixes on."""
   all_conv = [tuple(genome_lib.NONE if e == genome_lib.UNUSED_EDGE else k
@@ -230,22 +240,24 @@ def _abstract_init(module: flax.linen.Module, inputs: tuple) -> tuple[Any, Any]:
       lambda *x: module.init_with_output(jax.random.PRNGKey(0), *x, train=True), *inputs)
 
 
-def _bank_modules(shape: LayerShape, spec: SupernetSpec) -> dict[str, Any]:
+def _bank_modules(shape: LayerShape, spec: SupernetSpec, layer: int) -> dict[str, Any]:
   """Abstract variables of every op a cell in this layer may run, keyed by bank entry."""
   bank: dict[str, Any] = {}
 
-  def record(genome):
+  def record(genome, slot):
     def apply_op(name, module_class, kwargs, *inputs):
       module = module_class(**dict(_op_kwargs(module_class, kwargs, spec.bn)))
       out, variables = _abstract_init(module, tuple(
           jax.ShapeDtypeStruct(i.shape, i.dtype) for i in inputs))
-      bank.setdefault(bank_entry(name, genome), variables)
+      bank.setdefault(slot_entry(spec, slot, bank_entry(name, genome)), variables)
       return out
     return apply_op
 
   x = jax.ShapeDtypeStruct((1, shape.in_size, shape.in_size, shape.in_channels), jnp.float32)
-  for g in _covering_genomes(spec.conv_codes):
-    cells.cell_dataflow(g, x, shape.out_channels, shape.stride, False, record(g))
+  slotted = (enumerate(_covering_genomes(spec.conv_codes)) if spec.slot_cells is None else
+             ((slot, g) for slot, g in enumerate(spec.slot_cells[layer]) if g != netspec.ZERO))
+  for slot, g in slotted:
+    cells.cell_dataflow(g, x, shape.out_channels, shape.stride, False, record(g, slot))
   return dict(sorted(bank.items()))
 
 
@@ -283,7 +295,7 @@ def init_variables(spec: SupernetSpec, seed: int) -> dict:
     v = cells.host_init(abstract, host_rng)
     params[name], stats[name] = v["params"], v.get("batch_stats", {})
   for i, shape in enumerate(spec.layers):
-    bank = cells.host_init(_bank_modules(shape, spec), host_rng)
+    bank = cells.host_init(_bank_modules(shape, spec, i), host_rng)
     params["layers"][layer_name(i)] = {k: v["params"] for k, v in bank.items()}
     stats["layers"][layer_name(i)] = {k: v.get("batch_stats", {}) for k, v in bank.items()}
   return {"params": params, "batch_stats": stats}
@@ -436,16 +448,16 @@ def _subsample_vjp(x: jax.Array, stride: int) -> tuple[jax.Array, Any]:
   return jax.vjp(lambda v: ops.subsample(v, stride), x)
 
 
-def _cell_forward(shape: LayerShape, op: Op, x: jax.Array, params: dict, stats: dict,
-                  spec: SupernetSpec, layer: str, run: PathRun, differentiate: bool = True
-                  ) -> jax.Array:
-  """Run one candidate; with ``differentiate`` False, evaluate it without gradients or
-  new statistics (nothing is recorded on the tape)."""
+def _cell_forward(shape: LayerShape, op: Op, slot: int, x: jax.Array, params: dict,
+                  stats: dict, spec: SupernetSpec, layer: str, run: PathRun,
+                  differentiate: bool = True) -> jax.Array:
+  """Run candidate ``slot``; with ``differentiate`` False, evaluate it without gradients
+  or new statistics (nothing is recorded on the tape)."""
   if op == netspec.ZERO:
     return cells.zero_output(x, shape.out_channels, shape.stride)
 
   def apply_op(name, module_class, kwargs, *inputs):
-    entry = bank_entry(name, op)
+    entry = slot_entry(spec, slot, bank_entry(name, op))
     frozen = _op_kwargs(module_class, kwargs, spec.bn)
     if not differentiate:
       return run.call(_jitted_op(module_class, frozen), params[entry], stats[entry],
@@ -518,12 +530,12 @@ def forward_path(spec: SupernetSpec, params: dict, batch_stats: dict, alpha: jax
   for i, (shape, ops_i, choice) in enumerate(zip(spec.layers, candidates, path)):
     name = layer_name(i)
     lp, ls = params["layers"][name], batch_stats["layers"][name]
-    y = _cell_forward(shape, ops_i[choice], x, lp, ls, spec, name, run)
+    y = _cell_forward(shape, ops_i[choice], choice, x, lp, ls, spec, name, run)
     if alpha is not None:
       others = ()
       if estimator == "proxyless":
         others = tuple(y if j == choice else
-                       _cell_forward(shape, op, x, lp, ls, spec, name, run, False)
+                       _cell_forward(shape, op, j, x, lp, ls, spec, name, run, False)
                        for j, op in enumerate(ops_i))
       gated, vjp = run.call(_gate_vjp, y, alpha, mask, i, choice, others,
                             estimator=estimator)
@@ -756,7 +768,8 @@ class SupernetTrainer:
   def _trained_entries(self, params, candidates, path) -> list[tuple[str, ...]]:
     """The fixed parts and the bank entries of the sampled cells."""
     return [(name,) for name in params if name != "layers"] + [
-        ("layers", layer_name(i), e) for i, (ops_i, choice) in enumerate(zip(candidates, path))
+        ("layers", layer_name(i), slot_entry(self.spec, choice, e))
+        for i, (ops_i, choice) in enumerate(zip(candidates, path))
         for e in cell_entries(ops_i[choice])]
 
   def shard(self, batch: dict) -> tuple[jax.Array, jax.Array]:

@@ -17,6 +17,7 @@ from autospace_jax import genome as genome_lib
 from autospace_jax import input_pipeline
 from autospace_jax import netspec
 from autospace_jax import presets
+from autospace_jax import supernet
 from conftest import reference_file, short_schedule, tiny_config
 
 
@@ -129,6 +130,24 @@ def test_weights_learn_from_search_train_and_alpha_from_held_out_batches(tmp_pat
   assert calls.count((False, None)) == 12
   assert calls.count((True, 0.0)) == 2  # ProxylessNAS's architecture loss: plain CE
   assert len(calls) == 14
+
+
+def test_each_candidate_has_its_own_weights_even_where_cells_share_op_names(tmp_path):
+  config = tiny_config()
+  search = irb_search(tmp_path, 1, config)
+  state = search.trainer.init(0, search.mask.shape[1])
+  k3e6, k5e6 = (search.candidates[0].index(genome_lib.irb(k, 6)) for k in (3, 5))
+  batch = next(input_pipeline.make_iterator(config.data, "search_train",
+                                            config.search.batch_size, seed=0))
+  path = [k3e6] * len(search.candidates)
+  _, grads, _, run = search.trainer.loss_and_grads(state, batch, search.candidates, path,
+                                                   train_alpha=False)
+  new = search.trainer.apply(state, grads, None, run)
+  old_bank, new_bank = (s.params["layers"][supernet.layer_name(0)] for s in (state, new))
+  for entry in ("expand_e6", "project_e6"):  # names both IRBs' 1x1 convs have
+    trained, other = f"slot{k3e6}_{entry}", f"slot{k5e6}_{entry}"
+    assert not np.array_equal(old_bank[trained]["kernel"], new_bank[trained]["kernel"])
+    np.testing.assert_array_equal(old_bank[other]["kernel"], new_bank[other]["kernel"])
 
 
 def test_arch_loss_is_cross_entropy_times_the_expected_madds_penalty():
