@@ -20,11 +20,14 @@ Rules that are choices of this module:
   latter is skipped in a multi-process job that has not yet joined `jax.distributed`,
   since touching a device first would make joining impossible; `main` runs
   `check_devices` once it has joined.
+- A local workdir that already holds stage outputs resumes that run, so `RESUME_FIELDS`
+  (seed, data, skeleton, populations, batch sizes) must equal those in its config.json.
 - Paths with a URL scheme (`gs://...`: workdir, train.net, search.space) are not probed.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import os
@@ -76,6 +79,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None) -> N
   workdir = workdir or _value(config, "workdir") or None
   local_workdir = workdir is not None and not _is_remote(workdir)
   if local_workdir:
+    _check_resumable(config, workdir)
     _check_learned_space(config, stages, workdir)
   if "space" in stages:
     _check_madds_cap(config)
@@ -373,6 +377,36 @@ def _check_workdir(workdir: str) -> None:
       pass
   except OSError as e:
     raise ConfigError(f"workdir={workdir!r} is not writable: {e.strerror or e}") from None
+
+
+# Settings that fix a run's data streams and state shapes: a run resumed from a work
+# directory must keep them, or it silently continues another run's checkpoints.
+RESUME_FIELDS = ("seed", "data.name", "data.image_size", "model.width_multiplier",
+                 "model.layers_per_stage", "space.population_size", "space.num_cells",
+                 "space.batch_size", "search.batch_size", "train.batch_size")
+STAGE_DIRS = ("space", "search", "train")
+
+
+def _check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """A work directory that holds an earlier run's outputs resumes that run: RESUME_FIELDS
+  must match its config.json."""
+  record = os.path.join(workdir, "config.json")
+  if not os.path.isfile(record) or not any(
+      os.path.isdir(os.path.join(workdir, d)) for d in STAGE_DIRS):
+    return
+  with open(record) as f:
+    earlier = ml_collections.ConfigDict(json.load(f))
+  for path in RESUME_FIELDS:
+    try:
+      before = _value(earlier, path)
+    except ConfigError:
+      continue  # a record from a version without this field
+    now = _value(config, path)
+    if json.loads(json.dumps(now, default=list)) != before:
+      raise ConfigError(
+          f"{path}={now!r} differs from {before!r} of the run in workdir={workdir!r} "
+          f"(its config.json); resuming it needs the same {', '.join(RESUME_FIELDS)}. "
+          "Use another --workdir for a new run")
 
 
 def _check_learned_space(config: ml_collections.ConfigDict, stages: list[str],

@@ -319,3 +319,18 @@ def test_multiprocess_job_needs_an_explicit_workdir(tmp_path):
   assert len(errors) == 1 and errors[0].startswith("error: workdir is not set"), errors
   assert "--workdir=DIR" in errors[0]
   assert not (tmp_path / "runs").exists()
+
+
+def test_a_workdir_with_outputs_resumes_only_with_the_settings_that_fix_its_state(tmp_path):
+  from autospace_jax import main  # noqa: PLC0415 -- flags defined on import
+  workdir = str(tmp_path)
+  main.write_config_record(presets.default(), workdir)
+  changed = _override(presets.default(), {"space.batch_size": 32})
+  config_validation.validate(changed, workdir)  # no stage output yet: a fresh start
+  (tmp_path / "space").mkdir()
+  assert _error(changed, workdir).startswith(
+      "space.batch_size=32 differs from 64 of the run in workdir=")
+  assert "model.layers_per_stage=(1, 1, 1, 1, 1, 2) differs from [1, 1, 1, 1, 1, 1]" in _error(
+      _override(presets.default(), {"model.layers_per_stage": (1, 1, 1, 1, 1, 2)}), workdir)
+  config_validation.validate(presets.default(), workdir)  # the same run resumes
+  config_validation.validate(_override(presets.default(), {"train.epochs": 20.0}), workdir)
