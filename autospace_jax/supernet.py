@@ -807,7 +807,9 @@ class SupernetTrainer:
 
   def reset_alpha(self, state: TrainState, alpha: np.ndarray) -> TrainState:
     """New cells took the slots: their α, and a fresh α optimizer state (the slots'
-    second-moment estimates belonged to the cells that left)."""
+    second-moment estimates belonged to the cells that left). **[choice]**: with Adam's
+    β1 = 0 the first α step after each round moves every α by about ±lr (its v̂ is g²);
+    the alternative, Adam state kept per cell in the population, costs P x L floats."""
     alpha = jnp.asarray(alpha, jnp.float32)
     return self.parallel.replicate(state.replace(alpha=alpha,
                                                  alpha_opt_state=self.alpha_tx.init(alpha)))
