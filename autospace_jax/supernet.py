@@ -253,11 +253,19 @@ def _bank_modules(shape: LayerShape, spec: SupernetSpec, layer: int) -> dict[str
       return out
     return apply_op
 
+  def add(*inputs):  # a node's inputs all have its shape
+    return inputs[0]
+
+  def subsample(v, stride):
+    return v if stride == 1 else jax.ShapeDtypeStruct(
+        (v.shape[0], -(-v.shape[1] // stride), -(-v.shape[2] // stride), v.shape[3]), v.dtype)
+
   x = jax.ShapeDtypeStruct((1, shape.in_size, shape.in_size, shape.in_channels), jnp.float32)
   slotted = (enumerate(_covering_genomes(spec.conv_codes)) if spec.slot_cells is None else
              ((slot, g) for slot, g in enumerate(spec.slot_cells[layer]) if g != netspec.ZERO))
   for slot, g in slotted:
-    cells.cell_dataflow(g, x, shape.out_channels, shape.stride, False, record(g, slot))
+    cells.cell_dataflow(g, x, shape.out_channels, shape.stride, False, record(g, slot), add,
+                        subsample)
   return dict(sorted(bank.items()))
 
 

@@ -150,6 +150,21 @@ def test_each_candidate_has_its_own_weights_even_where_cells_share_op_names(tmp_
     np.testing.assert_array_equal(old_bank[other]["kernel"], new_bank[other]["kernel"])
 
 
+def test_a_search_over_official_cells_gives_each_one_all_the_weights_it_runs(tmp_path):
+  official = netspec.load_space(reference_file("autospace_search_space.config"))
+  config = tiny_config()
+  space = [official[0]] * sum(config.model.layers_per_stage)  # identity, strided, mixed
+  search = arch_search.ArchSearch(config, str(tmp_path), space, "learned",
+                                  arch_search.Target(10**6))
+  params = search.trainer.init(0, search.mask.shape[1]).params
+  for i, cells in enumerate(search.candidates):
+    bank = params["layers"][supernet.layer_name(i)]
+    for slot, op in enumerate(cells):
+      if op != netspec.ZERO:
+        assert {supernet.slot_entry(search.spec, slot, e)
+                for e in supernet.cell_entries(op)} <= set(bank)
+
+
 def test_arch_loss_is_cross_entropy_times_the_expected_madds_penalty():
   rng = np.random.default_rng(1)
   alpha = jnp.asarray(rng.normal(size=(4, 3)))
