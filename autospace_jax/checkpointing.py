@@ -161,18 +161,34 @@ class Checkpointer:
   def restore_or_init(self, init: Callable[[], Any], parallel: DataParallel, name: str
                       ) -> tuple[int, Any, dict | None]:
     """(step, state, meta) of the newest checkpoint, restored replicated over the mesh
-    into the structure `init` builds; `(0, init(), None)` when there is none yet."""
-    if not self._manager.all_steps():
-      return 0, init(), None
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated),
-        jax.eval_shape(init))
-    restored = self.restore_latest(lambda meta: abstract)
+    into the structure `init` builds; `(0, init(), None)` when there is none yet. Every
+    process must call it: they check that they all resume from the same step."""
+    restored = None
+    if self._manager.all_steps():
+      abstract = jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated),
+          jax.eval_shape(init))
+      restored = self.restore_latest(lambda meta: abstract)
+    check_same_step_on_every_host(0 if restored is None else restored[0], self.directory)
     if restored is None:
       return 0, init(), None
     step, state, meta = restored
     logging.info('%s: resuming from step %d', name, step)
     return step, parallel.replicate(state), meta
+
+
+def check_same_step_on_every_host(step: int, directory: str) -> None:
+  """Raise `CheckpointError` unless every process resumes from ``step``: a host that could
+  not read the newest checkpoint (a transient error) falls back on its own, and resuming
+  then would train from different weights and data positions. A collective."""
+  if jax.process_count() == 1:
+    return
+  steps = np.asarray(multihost_utils.process_allgather(np.int32(step))).tolist()
+  if len(set(steps)) > 1:
+    raise CheckpointError(
+        f'the processes restored different steps {steps} (by process index) from '
+        f'{directory}; some could not read the newest checkpoint. Check the warnings above, '
+        'fix the storage, and rerun.')
 
 
 _preemption = threading.Event()

@@ -377,3 +377,14 @@ def test_all_hosts_stop_at_the_same_step_when_one_is_preempted(preemption_servic
     assert host.returncode == 0, err[-3000:]
     outputs.append([line for line in out.splitlines() if line.startswith('stop')])
   assert len(outputs[0]) == 1 and outputs[0] == outputs[1]
+
+
+def test_hosts_that_restore_different_steps_stop_instead_of_diverging(monkeypatch):
+  steps_by_host = [3, 3]
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(checkpointing.multihost_utils, 'process_allgather',
+                      lambda x: np.array(steps_by_host))
+  checkpointing.check_same_step_on_every_host(3, 'ckpts')
+  steps_by_host[1] = 1  # host 1 could not read step 3 and fell back
+  with pytest.raises(checkpointing.CheckpointError, match=r'different steps \[3, 1\]'):
+    checkpointing.check_same_step_on_every_host(3, 'ckpts')
