@@ -215,13 +215,14 @@ def _add_children_aging(population: Population, parents: np.ndarray,
 
 
 def top_cells(population: Population, count: int, compensation: str) -> np.ndarray:
-  """Indices of the ``count`` best distinct genomes by compensated fitness."""
+  """Indices of the ``count`` best cells by compensated fitness that compute different
+  functions (genomes differing only in an unexpressed mix gene count as one)."""
   fitness = compensated_fitness(population, compensation)
   chosen, seen = [], set()
   for i in np.argsort(-fitness, kind="stable"):
-    if population.genomes[i] not in seen:
+    if population.genomes[i].expressed() not in seen:
       chosen.append(int(i))
-      seen.add(population.genomes[i])
+      seen.add(population.genomes[i].expressed())
     if len(chosen) == count:
       break
   fill = [int(i) for i in np.argsort(-fitness, kind="stable") if int(i) not in chosen]

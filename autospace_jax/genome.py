@@ -70,6 +70,11 @@ class Genome:
   def uses_attention(self, node: int) -> bool:
     return self.mix_gene(node) == 1 and len(self.in_edges(node)) >= 2
 
+  def expressed(self) -> "Genome":
+    """This cell with the mix genes of single-input nodes cleared: genomes that differ only
+    there compute the same function."""
+    return dataclasses.replace(self, mix=tuple(int(self.uses_attention(n)) for n in (2, 3)))
+
   def to_vector(self) -> np.ndarray:
     """The int32 gene vector the supernet consumes: 6 edge codes, e_idx, m2, m3."""
     return np.array(self.edges + (self.expansion_index,) + self.mix, np.int32)

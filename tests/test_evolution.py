@@ -189,6 +189,16 @@ def test_top_cells_are_distinct_genomes_ranked_by_compensated_alpha():
   assert len(top) == 3
 
 
+def test_top_cells_skip_a_genome_that_differs_from_a_better_one_only_in_a_silent_gene():
+  silent_twin = dataclasses.replace(genome_lib.REFERENCE, mix=(1, 0))  # node 2 has one input
+  assert silent_twin != genome_lib.REFERENCE
+  pop = evolution.initial_population(3, [genome_lib.REFERENCE], np.random.default_rng(0))
+  pop.genomes[1] = silent_twin
+  pop.genomes[2] = genome_lib.irb(5, 6)
+  pop.alpha[:] = [3.0, 2.0, 1.0]
+  assert evolution.top_cells(pop, 2, "none").tolist() == [0, 2]
+
+
 def test_a_stage_1_checkpoint_record_is_a_snapshot_later_rounds_do_not_change():
   # Orbax serialises a save's metadata on its own thread while training goes on.
   search = space_search.SpaceSearch(tiny_config(), "unused")
