@@ -2,14 +2,15 @@
 
 Candidates per layer are the space's K cells plus Zero on every layer that is not the
 first of its stage, each with its own weights (ProxylessNAS's mixed ops; stage 1's cells
-share a per-layer bank instead). The same supernet as stage 1 runs the steps, but as in ProxylessNAS
-weights and α learn from different data: each weight step trains a path drawn from α on a
-'search_train' batch (label-smoothed CE), and after warm-up every
+share a per-layer bank instead). The same supernet as stage 1 runs the steps, but as in
+ProxylessNAS weights and α learn from different data: each weight step trains a path
+drawn from α on a 'search_train' batch (label-smoothed CE), and after warm-up every
 `search.alpha_update_every` weight steps an α step draws a fresh path and follows
 CE * (log E[MAdds] / log target)^β on a held-out 'search_val' batch (plain CE), its BN in
-training mode. The derived net takes the argmax per layer and is
-then nudged, one layer at a time, until its MAdds lie within 5% of the target (10% counts
-as met) **[choice]**: the regulariser steers E[MAdds], not the argmax net's MAdds.
+training mode. The derived net takes the argmax per layer (SPEC §7; `search.derive =
+"argmax"`), or with "nudge" the argmax is then changed one layer at a time until its
+MAdds lie within 5% of the target (10% counts as met): the regulariser steers E[MAdds],
+not the argmax net's MAdds, and short searches leave α too flat to hit a target.
 The learned space and the IRB baseline space go through this same code.
 """
 
@@ -130,13 +131,18 @@ def arch_gradient(alpha, ce, ce_grad, mask, madds, fixed, log_target, beta):
   return penalty * ce_grad + ce * penalty_grad
 
 
+def argmax_choice(alpha: np.ndarray, mask: np.ndarray) -> list[int]:
+  """The most probable real (unpadded) candidate of each layer."""
+  return [int(np.argmax(np.where(m, a, -np.inf))) for a, m in zip(alpha, mask)]
+
+
 def derive(alpha: np.ndarray, mask: np.ndarray, candidate_madds: np.ndarray, fixed: int,
            target: int, tolerance: float = DERIVE_TOLERANCE) -> list[int]:
   """Argmax per layer, then greedy single-layer swaps toward the target: each swap is the
   one that moves MAdds toward the target at the least loss of log-probability."""
   logp = np.where(mask, alpha - np.log(np.sum(np.exp(np.where(mask, alpha, -np.inf)),
                                                axis=-1, keepdims=True)), -np.inf)
-  choice = [int(np.argmax(np.where(m, a, -np.inf))) for a, m in zip(alpha, mask)]
+  choice = argmax_choice(alpha, mask)
 
   def total(ch):
     return fixed + sum(candidate_madds[i, c] for i, c in enumerate(ch))
@@ -315,15 +321,17 @@ class ArchSearch:
     return self.trainer.init(self.config.seed + 1, self.mask.shape[1])
 
   def write_outputs(self, alpha: np.ndarray) -> dict:
-    choice = derive(alpha, self.mask, self.candidate_madds, self.fixed_madds,
-                    self.target.madds)
+    choice = (derive(alpha, self.mask, self.candidate_madds, self.fixed_madds,
+                     self.target.madds) if self.cfg.derive == "nudge"
+              else argmax_choice(alpha, self.mask))
     ops = [self.candidates[i][c] for i, c in enumerate(choice)]
     net = self.spec.net_spec(ops)
     cost = counting.net_cost(net)
     result = {"space": self.space_name, "target_madds": self.target.madds,
               "params": cost.params, "madds": cost.madds,
               "madds_error": cost.madds / self.target.madds - 1.0,
-              "alpha": alpha.tolist(), "choice": choice, "steps": self.total_steps,
+              "alpha": alpha.tolist(), "choice": choice, "derive": self.cfg.derive,
+              "steps": self.total_steps,
               "cells": ["zero" if op == netspec.ZERO else op.describe() for op in ops],
               "matrices": [None if op == netspec.ZERO else genome_lib.to_matrix(op)
                            for op in ops]}

@@ -44,6 +44,7 @@ from autospace_jax import netspec
 STAGES = ("space", "search", "train")
 ESTIMATORS = ("sampled", "proxyless")
 DTYPES = ("float32", "bfloat16")
+DERIVATIONS = ("argmax", "nudge")
 BUILTIN_SPACES = ("learned", "irb")
 MIN_IMAGE_SIZE = 16
 # r_H counts the 5 mutable edges, the expansion gene and both mix genes.
@@ -332,6 +333,7 @@ def _check_search(config: ml_collections.ConfigDict, stages: list[str]) -> None:
   _check_optimizer(config, "search")
   _number(config, "search.alpha_learning_rate", 0, low_open=True)
   _int(config, "search.alpha_update_every", 1)
+  _choice(config, "search.derive", DERIVATIONS)
   _number(config, "search.beta", 0)
   _choice(config, "search.estimator", ESTIMATORS)
 

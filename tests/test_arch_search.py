@@ -76,6 +76,18 @@ def test_derive_keeps_the_argmax_when_it_already_meets_the_target(tmp_path):
                             target) == choice
 
 
+def test_argmax_derivation_keeps_the_most_probable_cells_whatever_their_madds(tmp_path):
+  config = presets.default()
+  config.search.derive = "argmax"
+  search = irb_search(tmp_path, 1, config)  # a target no net meets
+  alpha = np.random.default_rng(0).normal(size=search.mask.shape)
+  os.makedirs(search.workdir)
+  result = search.write_outputs(alpha)
+  assert result["choice"] == [int(np.argmax(np.where(m, a, -np.inf)))
+                              for a, m in zip(alpha, search.mask)]
+  assert result["derive"] == "argmax"
+
+
 def test_unreachable_target_is_reported_with_the_space_range(tmp_path, caplog):
   search = irb_search(tmp_path, 1000)
   low, high = search.madds_range()

@@ -118,6 +118,7 @@ INVALID = [
     ({"search.compare_irb": "yes"}, "search.compare_irb"),
     ({"search.batch_size": 1294}, "search.batch_size"),
     ({"search.alpha_update_every": 0}, "search.alpha_update_every"),
+    ({"search.derive": "greedy"}, "search.derive"),
     ({"train.net": "/nonexistent/net.json"}, "train.net"),
     ({"stages": "train"}, "train.net"),
     ({"train.dtype": "float16"}, "train.dtype"),
