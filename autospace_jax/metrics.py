@@ -3,7 +3,8 @@
 TensorBoard is for watching a run; `metrics.jsonl` (one object per `write_scalars` call)
 is for scripts and the report, which can read it without TensorBoard or TensorFlow.
 Every process may call the writer, but only the enabled one (process 0 by default) writes,
-so a multi-host job produces one copy of each file. A resumed run appends to both.
+so a multi-host job produces one copy of each file. A resumed run appends to both;
+`read_jsonl` keeps its record of a step it logs again.
 """
 
 from __future__ import annotations
@@ -57,7 +58,11 @@ class MetricWriter:
       epath.Path(self.workdir).mkdir(parents=True, exist_ok=True)
       self._summary = tensorboardX.SummaryWriter(
           logdir=os.path.join(self.workdir, TENSORBOARD_DIR))
-      self._jsonl = (epath.Path(self.workdir) / JSONL_FILE).open('a')
+      path = epath.Path(self.workdir) / JSONL_FILE
+      cut_short = path.exists() and not path.read_bytes().endswith(b'\n')
+      self._jsonl = path.open('a')
+      if cut_short:  # a killed run's last line: keep it apart from the records to come
+        self._jsonl.write('\n')
 
   def write_scalars(self, step: int, scalars: Mapping[str, float], stage: str = '') -> None:
     """Logs each scalar under the tag `stage/name` (just `name` without a stage)."""
@@ -94,16 +99,16 @@ def _tag(stage: str, name: str) -> str:
 
 
 def read_jsonl(path: str) -> list[dict]:
-  """The records of a metrics.jsonl file, in order.
+  """The records of a metrics.jsonl file, one per (stage, step), in order.
 
-  A last line cut short by a killed process is dropped; a bad line elsewhere raises.
+  Lines cut short by a killed process are dropped, and where a resumed run logged a
+  step again (it restarts from its last checkpoint) its later record wins.
   """
-  lines = [line for line in epath.Path(path).read_text().splitlines() if line.strip()]
-  records = []
-  for i, line in enumerate(lines):
+  records: dict[tuple[str, int], dict] = {}
+  for line in epath.Path(path).read_text().splitlines():
     try:
-      records.append(json.loads(line))
+      record = json.loads(line)
     except json.JSONDecodeError:
-      if i < len(lines) - 1:
-        raise
-  return records
+      continue
+    records[record.get('stage', ''), record['step']] = record
+  return list(records.values())

@@ -71,6 +71,22 @@ def test_jsonl_is_readable_before_close(tmp_path):
   writer.close()
 
 
+def test_a_resumed_run_s_records_replace_the_steps_it_logs_again(tmp_path):
+  writer = metrics.MetricWriter(str(tmp_path), enabled=True)
+  for step in (1, 2, 3):
+    writer.write_scalars(step, {'loss': 1.0}, 'space')
+  path = tmp_path / metrics.JSONL_FILE
+  with open(path, 'a') as f:
+    f.write('{"step": 4, "sta')  # killed mid-line
+  writer.close()
+  resumed = metrics.MetricWriter(str(tmp_path), enabled=True)  # from the step-1 checkpoint
+  for step in (2, 3, 4):
+    resumed.write_scalars(step, {'loss': 2.0}, 'space')
+  resumed.close()
+  assert [(r['step'], r['loss']) for r in metrics.read_jsonl(str(path))] == [
+      (1, 1.0), (2, 2.0), (3, 2.0), (4, 2.0)]
+
+
 def test_disabled_writer_writes_nothing(tmp_path):
   workdir = tmp_path / 'run'
   writer = metrics.MetricWriter(str(workdir), enabled=False)
