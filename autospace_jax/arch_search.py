@@ -259,7 +259,8 @@ class ArchSearch:
     return max(step - self.warmup_steps, 0) // self.cfg.alpha_update_every
 
   def alpha_step(self, state, step: int, batch: dict):
-    """ProxylessNAS's architecture step on a held-out batch and a fresh path from α."""
+    """ProxylessNAS's architecture step on a held-out batch and a fresh path from α;
+    returns the new state and the batch's plain CE."""
     path = self._sample_path(state, False,
                              seeding.generator(self.config.seed, "search_alpha_path", step))
     self.precompiler.wait_for(self.candidates, path, True)
@@ -267,7 +268,7 @@ class ArchSearch:
         state, batch, self.candidates, path, train_alpha=True,
         alpha_loss=self.alpha_gradient, label_smoothing=0.0)
     supernet.check_finite(metrics["loss"], "search (α step)", step)
-    return self.trainer.apply_alpha(state, alpha_grad, run)
+    return self.trainer.apply_alpha(state, alpha_grad, run), metrics["loss"]
 
   def run(self) -> dict:
     epath.Path(self.workdir).mkdir(parents=True, exist_ok=True)
@@ -303,11 +304,14 @@ class ArchSearch:
                                            label_smoothing=0.0)
     bar = progress.Bar(self.total_steps, f"search {self.space_name} {self.target.tag}",
                        initial=step)
+    held_out_loss = None  # of the latest α step, logged with the weight steps' metrics
     while step < self.total_steps:
       state, metrics = self.train_step(state, step, next(data))
       step += 1
       if self.alpha_update_due(step):
-        state = self.alpha_step(state, step, next(held_out))
+        state, held_out_loss = self.alpha_step(state, step, next(held_out))
+      if held_out_loss is not None:
+        metrics = {**metrics, "held_out_loss": held_out_loss}
       bar.update(step, metrics)
       if self.writer is not None and step % self.config.log_every_steps == 0:
         self.writer.write_scalars(step, {k: float(v) for k, v in metrics.items()},

@@ -15,6 +15,7 @@ from autospace_jax import arch_search
 from autospace_jax import counting
 from autospace_jax import genome as genome_lib
 from autospace_jax import input_pipeline
+from autospace_jax import metrics
 from autospace_jax import netspec
 from autospace_jax import presets
 from autospace_jax import supernet
@@ -136,7 +137,12 @@ def test_weights_learn_from_search_train_and_alpha_from_held_out_batches(tmp_pat
 
   monkeypatch.setattr(search.trainer, "loss_and_grads", recording_loss_and_grads)
   monkeypatch.setattr(search.trainer, "apply_alpha", checked_apply_alpha)
+  search.writer = metrics.MetricWriter(str(tmp_path), enabled=True)
+  config.log_every_steps = 1
   search.run()
+  search.writer.close()
+  logged = metrics.read_jsonl(str(tmp_path / metrics.JSONL_FILE))
+  assert [r["step"] for r in logged if "held_out_loss" in r] == list(range(7, 13))
   assert (search.warmup_steps, search.total_steps) == (4, 12)
   assert drawn == {"search_train": 12, "search_val": 2}  # α after weight steps 7 and 10
   assert calls.count((False, None)) == 12
