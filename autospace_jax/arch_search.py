@@ -234,10 +234,11 @@ class ArchSearch:
                          beta=float(self.cfg.beta))
 
   def _sample_path(self, state, uniform: bool, rng: np.random.Generator) -> list[int]:
-    """A path drawn from softmax(α), or uniformly (warm-up), over the unpadded candidates."""
-    alpha = np.asarray(jax.device_get(state.alpha), np.float64)
-    return supernet.sample_path(supernet.softmax_np(
-        np.where(self.mask, 0.0, -np.inf) if uniform else self._masked_alpha(alpha)), rng)
+    """A path drawn from softmax(α), or uniformly (warm-up, without fetching α from the
+    devices), over the unpadded candidates."""
+    logits = (np.where(self.mask, 0.0, -np.inf) if uniform else
+              self._masked_alpha(np.asarray(jax.device_get(state.alpha), np.float64)))
+    return supernet.sample_path(supernet.softmax_np(logits), rng)
 
   def train_step(self, state, step: int, batch: dict):
     """A weight step on a path drawn from α (uniformly during warm-up)."""
@@ -300,8 +301,7 @@ class ArchSearch:
       self.precompiler.submit_candidates(state, batch, self.candidates, False)
       if self.alpha_steps_before(self.total_steps) > self.alpha_steps_before(step):
         batch, held_out = precompile.first_batch(held_out)
-        self.precompiler.submit_candidates(state, batch, self.candidates, True,
-                                           label_smoothing=0.0)
+        self.precompiler.submit_candidates(state, batch, self.candidates, True)
     bar = progress.Bar(self.total_steps, f"search {self.space_name} {self.target.tag}",
                        initial=step)
     held_out_loss = None  # of the latest α step, logged with the weight steps' metrics

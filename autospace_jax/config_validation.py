@@ -386,7 +386,6 @@ def _check_workdir(workdir: str) -> None:
 RESUME_FIELDS = ("seed", "data.name", "data.image_size", "model.width_multiplier",
                  "model.layers_per_stage", "space.population_size", "space.num_cells",
                  "space.batch_size", "search.batch_size", "train.batch_size")
-STAGE_DIRS = ("space", "search", "train")
 
 
 def _check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -394,7 +393,7 @@ def _check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
   must match its config.json."""
   record = os.path.join(workdir, "config.json")
   if not os.path.isfile(record) or not any(
-      os.path.isdir(os.path.join(workdir, d)) for d in STAGE_DIRS):
+      os.path.isdir(os.path.join(workdir, stage)) for stage in STAGES):
     return
   with open(record) as f:
     earlier = ml_collections.ConfigDict(json.load(f))

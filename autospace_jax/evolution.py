@@ -220,9 +220,10 @@ def top_cells(population: Population, count: int, compensation: str) -> np.ndarr
   fitness = compensated_fitness(population, compensation)
   chosen, seen = [], set()
   for i in np.argsort(-fitness, kind="stable"):
-    if population.genomes[i].expressed() not in seen:
+    function = population.genomes[i].expressed()
+    if function not in seen:
       chosen.append(int(i))
-      seen.add(population.genomes[i].expressed())
+      seen.add(function)
     if len(chosen) == count:
       break
   fill = [int(i) for i in np.argsort(-fitness, kind="stable") if int(i) not in chosen]

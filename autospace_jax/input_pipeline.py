@@ -1,8 +1,8 @@
 """Data sources for the three stages: deterministic, resumable, per-host numpy batches.
 
 Stages 1 and 2 train weights on `search_train`; stage 2 trains α on the held-out
-`search_val` (ProxylessNAS style; stage 1 trains α with the weights, SPEC §5); stage 3 trains on `train` and evaluates on
-`eval`. Every split yields dicts of numpy arrays:
+`search_val` (ProxylessNAS style; stage 1 trains α with the weights, SPEC §5); stage 3
+trains on `train` and evaluates on `eval`. Every split yields dicts of numpy arrays:
 
   {'image': float32 [local_batch, S, S, 3] normalised with the data set's mean/std,
    'label': int32 [local_batch]}           (+ 'mask' float32 [local_batch] for 'eval')

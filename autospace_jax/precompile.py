@@ -77,20 +77,20 @@ class Precompiler:
 
   def submit(self, state: supernet.TrainState, batch: dict,
              candidates: Sequence[Sequence[supernet.Op]], path: Sequence[int],
-             train_alpha: bool, label_smoothing: float | None = None) -> None:
+             train_alpha: bool) -> None:
     """Queue a pass that compiles what a step on ``path`` would call; ``state`` and
     ``batch`` give the shapes only."""
     if self._threads:
       self._submit(self._open_pool(), state, batch, candidates, path, train_alpha,
-                   waited_for=True, label_smoothing=label_smoothing)
+                   waited_for=True)
 
   def submit_candidates(self, state: supernet.TrainState, batch: dict,
-                        candidates: Sequence[Sequence[supernet.Op]], train_alpha: bool,
-                        label_smoothing: float | None = None) -> None:
+                        candidates: Sequence[Sequence[supernet.Op]], train_alpha: bool
+                        ) -> None:
     """Queue one pass per candidate index: together they compile every candidate."""
     for j in range(max(map(len, candidates), default=0)):
       self.submit(state, batch, candidates, [min(j, len(c) - 1) for c in candidates],
-                  train_alpha, label_smoothing)
+                  train_alpha)
 
   def submit_covering(self, state: supernet.TrainState, batch: dict,
                       layer_genomes: Sequence[Sequence[supernet.Op]], num_candidates: int
@@ -122,12 +122,11 @@ class Precompiler:
 
   def _submit(self, pool: concurrent.futures.ThreadPoolExecutor, state: Any, batch: Any,
               candidates: Sequence[Sequence[supernet.Op]], path: Sequence[int],
-              train_alpha: bool, waited_for: bool, label_smoothing: float | None = None
-              ) -> None:
+              train_alpha: bool, waited_for: bool) -> None:
     cells = _path_cells(candidates, path, train_alpha)
     try:
       future = pool.submit(self._trainer.compile_path, state, batch, candidates, path,
-                           train_alpha, label_smoothing)
+                           train_alpha)
     except RuntimeError:  # closed since the pass was planned
       return
     future.add_done_callback(functools.partial(self._finished, cells))

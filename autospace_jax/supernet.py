@@ -758,15 +758,14 @@ class SupernetTrainer:
     return logits, labels, ce, run.backward(logits, logits_ct)
 
   def compile_path(self, state: TrainState, batch: dict, candidates: Sequence[Sequence[Op]],
-                   path: Sequence[int], train_alpha: bool,
-                   label_smoothing: float | None = None) -> None:
+                   path: Sequence[int], train_alpha: bool) -> None:
     """Compile, without running them, the programs a step on ``path`` calls: op forwards
     and VJPs, the glue between them and the updates of the entries that get gradients
     (the batch is put on the devices and the learning rate computed, as a step does).
     `Precompiler` runs this on background threads ahead of the steps."""
     run = PathRun(compile_only=True)
     _, _, _, leaves = self._forward_backward(state, batch, candidates, path, train_alpha,
-                                             run, label_smoothing)
+                                             run)
     learning_rate = self.learning_rate(state.step)
     for key, grad in leaves.items():
       if key != ALPHA.key:
@@ -797,21 +796,21 @@ class SupernetTrainer:
                           params=_with_entries(state.params, new_params),
                           opt_state=_with_entries(state.opt_state, new_opt),
                           batch_stats=_with_entries(state.batch_stats, run.batch_stats))
-    if alpha_grad is not None:
-      alpha, alpha_opt_state = self._alpha_update(state.alpha, state.alpha_opt_state,
-                                                  alpha_grad)
-      state = state.replace(alpha=alpha, alpha_opt_state=alpha_opt_state)
-    return state
+    return state if alpha_grad is None else self._step_alpha(state, alpha_grad)
 
   def apply_alpha(self, state: TrainState, alpha_grad: jax.Array, run: PathRun
                   ) -> TrainState:
     """An α-only step (stage 2's, on held-out data): α and the BN statistics of the ops
     that ran change (their BN runs in training mode, as in ProxylessNAS); weights, their
     optimizer state and the step counter that drives the learning rate do not."""
+    return self._step_alpha(
+        state.replace(batch_stats=_with_entries(state.batch_stats, run.batch_stats)),
+        alpha_grad)
+
+  def _step_alpha(self, state: TrainState, alpha_grad: jax.Array) -> TrainState:
     alpha, alpha_opt_state = self._alpha_update(state.alpha, state.alpha_opt_state,
                                                 alpha_grad)
-    return state.replace(alpha=alpha, alpha_opt_state=alpha_opt_state,
-                         batch_stats=_with_entries(state.batch_stats, run.batch_stats))
+    return state.replace(alpha=alpha, alpha_opt_state=alpha_opt_state)
 
   def reset_alpha(self, state: TrainState, alpha: np.ndarray) -> TrainState:
     """New cells took the slots: their α, and a fresh α optimizer state (the slots'

@@ -139,7 +139,7 @@ class BlockingTrainer:
     self.release = threading.Event()
     self.fail = fail
 
-  def compile_path(self, state, batch, candidates, path, train_alpha, label_smoothing=None):
+  def compile_path(self, state, batch, candidates, path, train_alpha):
     self.release.wait(timeout=30)
     if self.fail:
       raise RuntimeError("compile failed")
@@ -181,7 +181,7 @@ class RecordingTrainer:
   def __init__(self):
     self.paths = []
 
-  def compile_path(self, state, batch, candidates, path, train_alpha, label_smoothing=None):
+  def compile_path(self, state, batch, candidates, path, train_alpha):
     self.paths.append((list(path), train_alpha))
 
 
