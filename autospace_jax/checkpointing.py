@@ -11,7 +11,9 @@ A NAS run on preemptible TPUs must never lose more than a few steps of work, so:
 - `restore_latest` skips a newest checkpoint that is partial or corrupt (a host died while
   writing, a file was truncated) with a warning and falls back to the one before. If
   none can be read it raises instead of letting the run start afresh and, through
-  `max_to_keep`, delete the checkpoints a fix could still restore.
+  `max_to_keep`, delete the checkpoints a fix could still restore. Once every host has
+  fallen back to the same step, `restore_or_init` deletes the unreadable newer ones, so
+  that the steps trained again are saved again.
 - A SIGTERM only sets a flag (saving inside a signal handler could deadlock on the locks
   the interrupted code holds). The training loop polls `should_stop()` after every step,
   saves with `force=True`, waits, and raises `Preempted`; `main` prints where and exits 0.
@@ -173,8 +175,19 @@ class Checkpointer:
     if restored is None:
       return 0, init(), None
     step, state, meta = restored
+    self._remove_steps_after(step)
     logging.info('%s: resuming from step %d', name, step)
     return step, parallel.replicate(state), meta
+
+  def _remove_steps_after(self, step: int) -> None:
+    """Delete the unreadable checkpoints newer than ``step``, the one every host restored:
+    Orbax saves no step at or below its newest, so keeping them would skip every save,
+    the preemption save included, until training passed them again. A collective."""
+    for newer in sorted(s for s in self._manager.all_steps() if s > step):
+      logging.warning('removing the unreadable checkpoint step %d in %s: the run resumes '
+                      'from step %d and saves the steps after it again', newer,
+                      self.directory, step)
+      self._manager.delete(newer)
 
 
 def check_same_step_on_every_host(step: int, directory: str) -> None:

@@ -174,6 +174,33 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, caplog, corr
   fresh.close()
 
 
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+def test_after_falling_back_the_run_checkpoints_the_steps_it_retrains(tmp_path, caplog):
+  """An unreadable newest checkpoint is removed once every host has fallen back past it:
+  Orbax refuses saves at or below its latest step, so a kept one would silently skip
+  every save (the preemption save included) until training passed it again."""
+  from autospace_jax.parallel import DataParallel
+  ckpt = checkpointing.Checkpointer(str(tmp_path), async_save=False)
+  ckpt.save(10, _state(), {**META, 'step': 10})
+  ckpt.save(20, _state(), {**META, 'step': 20})
+  ckpt.close()
+  _truncate_array_data(tmp_path / '20')
+
+  resumed = checkpointing.Checkpointer(str(tmp_path), async_save=False)
+  with caplog.at_level(logging.WARNING):
+    step, _, _ = resumed.restore_or_init(_state, DataParallel(), 'test')
+  assert step == 10
+  assert any('removing' in r.getMessage() and 'step 20' in r.getMessage()
+             for r in caplog.records)
+  assert resumed.save(15, _state(1), {**META, 'step': 15}, force=True)
+  assert list(resumed.all_steps()) == [10, 15]
+  resumed.close()
+  step, state, meta = checkpointing.Checkpointer(str(tmp_path)).restore_or_init(
+      _state, DataParallel(), 'test')
+  assert step == 15 and meta['step'] == 15
+  _assert_same(state, _state(1))
+
+
 def test_no_readable_checkpoint_raises_instead_of_starting_afresh(tmp_path, caplog):
   ckpt = checkpointing.Checkpointer(str(tmp_path))
   ckpt.save(1, {'x': jnp.ones(2)}, {})
