@@ -16,7 +16,7 @@ A NAS run on preemptible TPUs must never lose more than a few steps of work, so:
   that the steps trained again are saved again.
 - A SIGTERM only sets a flag (saving inside a signal handler could deadlock on the locks
   the interrupted code holds). The training loop polls `should_stop()` after every step,
-  saves with `force=True`, waits, and raises `Preempted`; `main` prints where and exits 0.
+  saves with `force=True`, waits, and raises `Preempted`; `main` prints where and exits 143.
 """
 
 from __future__ import annotations

@@ -33,6 +33,11 @@ _CONFIG = config_flags.DEFINE_config_file(
     "override one field with --config.a.b=v.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory (default ./runs/<timestamp>).")
 
+# Exit status after a preemption save: 128 + SIGTERM, what the process would return had
+# the signal killed it, so schedulers see an interrupted run (the JobSets in launch/
+# restart it) rather than a finished one, as a 0 would tell them.
+PREEMPTED_EXIT_CODE = 143
+
 def stage_list(stages: str) -> list[str]:
   return [s.strip() for s in stages.split(",") if s.strip()]
 
@@ -162,7 +167,7 @@ def main(argv: Sequence[str]) -> None:
   except checkpointing.Preempted as e:
     print(f"preempted: checkpoint saved at step {e.step} in {e.directory}; rerun the same "
           f"command to resume, with --workdir={shlex.quote(workdir)}")
-    sys.exit(0)
+    sys.exit(PREEMPTED_EXIT_CODE)
   except supernet.NonFiniteLoss as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(3)

@@ -166,3 +166,21 @@ def test_jobset_gpu_manifest():
   field = env['AUTOSPACE_PROCESS_ID']['valueFrom']['fieldRef']['fieldPath']
   assert 'job-completion-index' in field
   assert jobset['spec']['network']['enableDNSHostnames'] is True
+
+
+@pytest.mark.parametrize('manifest', ['jobset_tpu.yaml', 'jobset_gpu.yaml'])
+def test_jobset_restarts_a_preempted_run_without_using_up_its_restarts(manifest):
+  """The exit status `main` gives a preemption (and an eviction) fails the Job through
+  its pod failure policy, which the JobSet answers with an uncounted restart."""
+  from autospace_jax.main import PREEMPTED_EXIT_CODE  # noqa: PLC0415 -- defines flags
+  jobset, job, container = _pod_spec(manifest)
+  pod_rules = job['podFailurePolicy']['rules']
+  assert {'action': 'FailJob', 'onExitCodes': {
+      'containerName': container['name'], 'operator': 'In',
+      'values': [PREEMPTED_EXIT_CODE]}} in pod_rules
+  assert any(rule['action'] == 'FailJob' and {'type': 'DisruptionTarget', 'status': 'True'}
+             in rule.get('onPodConditions', []) for rule in pod_rules)
+  assert job['template']['spec']['restartPolicy'] == 'Never'  # podFailurePolicy needs it
+  [rule] = [r for r in jobset['spec']['failurePolicy']['rules']
+            if 'PodFailurePolicy' in r.get('onJobFailureReasons', [])]
+  assert rule['action'] == 'RestartJobSetAndIgnoreMaxRestarts'

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from autospace_jax.main import PREEMPTED_EXIT_CODE
 from conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -130,10 +131,11 @@ def test_sigterm_then_sigkill_during_architecture_search_then_restart_gives_the_
   checkpoints = workdir / "search" / reference_result_dir(reference) / "checkpoints"
   total = reference_result["steps"]
 
-  # SIGTERM (a preemption notice): checkpoint, message, exit 0.
+  # SIGTERM (a preemption notice): checkpoint, message, and an exit status that tells a
+  # scheduler the run was interrupted, not finished.
   process = start_and_signal(cmd, checkpoints, 2, signal.SIGTERM)
   out, err = process.communicate(timeout=120)
-  assert process.returncode == 0, err[-3000:]
+  assert process.returncode == PREEMPTED_EXIT_CODE == 128 + signal.SIGTERM, err[-3000:]
   assert "preempted: checkpoint saved at step" in out
   assert "rerun the same command to resume" in out
   assert checkpoint_steps(checkpoints) and not (checkpoints.parent / "result.json").exists()
