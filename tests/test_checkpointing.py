@@ -314,7 +314,7 @@ _LOOP = textwrap.dedent('''
 ''')
 
 
-def test_preempted_loop_saves_its_step_and_exits_zero(tmp_path):
+def test_preempted_loop_saves_its_step_and_stops_cleanly(tmp_path):
   env = {**os.environ, 'PYTHONPATH': str(ROOT), 'JAX_PLATFORMS': 'cpu'}
   proc = subprocess.Popen([sys.executable, '-c', _LOOP, str(tmp_path)], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
