@@ -469,6 +469,15 @@ def _check_madds_cap(config: ml_collections.ConfigDict) -> None:
           "space.reference_stop_epoch=0")
 
 
+def check_data(config: ml_collections.ConfigDict) -> None:
+  """Raise `ConfigError` unless the data set can be read where ``data.data_dir`` points.
+  Imports TensorFlow for the TFDS data sets, so `main` runs it after `validate`."""
+  try:
+    input_pipeline.check_prepared(config.data)
+  except input_pipeline.DataUnavailable as error:
+    raise ConfigError(str(error)) from None
+
+
 def check_devices(config: ml_collections.ConfigDict) -> None:
   """Raise `ConfigError` unless each run stage's global batch splits evenly over the
   devices and the processes; a no-op in a multi-process job that has not joined yet."""

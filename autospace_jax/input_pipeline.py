@@ -339,13 +339,42 @@ def _imagenet_preprocess(tf, image_size: int, augment: bool):
   return preprocess
 
 
+class DataUnavailable(ValueError):
+  """The configured TFDS data set has no prepared copy under ``data.data_dir``."""
+
+
+def check_prepared(data_config: Any) -> None:
+  """Raise `DataUnavailable` unless the data set can be read (digits always can): a run
+  checks this before it starts rather than failing at its first batch."""
+  if data_config.name in _TFDS_SPLITS:
+    _prepared_builder(data_config)
+
+
+def _prepared_builder(data_config: Any) -> Any:
+  """The data set's TFDS builder, after opening its train split (lazily: no example is
+  read), which is what fails when the data set was never prepared there."""
+  _tf()
+  import tensorflow_datasets as tfds
+  name, data_dir = data_config.name, data_config.get("data_dir") or None
+  builder = tfds.builder(name, data_dir=data_dir)
+  try:
+    builder.as_dataset(split=_TFDS_SPLITS[name][0])
+  except (AssertionError, FileNotFoundError) as error:
+    raise DataUnavailable(
+        f"data.data_dir={data_dir or ''!r}: TFDS finds no prepared {name} in "
+        f"{builder.data_path}; prepare it there (`tfds build {name} --data_dir=DIR`; "
+        "ImageNet: the manual download in docs/imagenet.md) or point data.data_dir at the "
+        "directory that holds it") from error
+  return builder
+
+
 def _tfds_iterator(data_config: Any, split: str, image_size: int, local_batch: int,
                    seed: int, start_step: int, process_index: int,
                    process_count: int) -> Iterator[dict[str, np.ndarray]]:
   tf = _tf()
   import tensorflow_datasets as tfds
   name = data_config.name
-  builder = tfds.builder(name, data_dir=data_config.get("data_dir") or None)
+  builder = _prepared_builder(data_config)
   train_name, eval_name = _TFDS_SPLITS[name]
   base = eval_name if split == "eval" else train_name
   # Sizes come from the stored split (equal to dataset_info's on a standard copy).

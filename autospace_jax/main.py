@@ -150,6 +150,7 @@ def main(argv: Sequence[str]) -> None:
     config_validation.validate(config, workdir)
     if distributed.maybe_initialize():
       config_validation.check_devices(config)  # The global device count is known now.
+    config_validation.check_data(config)
   except config_validation.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -310,6 +310,23 @@ def test_multiprocess_job_checks_batch_sizes_once_joined(tmp_path):
                       "jax.device_count()=2"], err[-3000:]
 
 
+def test_a_tfds_data_set_never_prepared_in_data_dir_is_refused_before_the_run(tmp_path):
+  """One error line naming data.data_dir and where TFDS looked, not a traceback at the
+  first batch after the supernet was built."""
+  empty = tmp_path / "tfds"
+  empty.mkdir()
+  result = subprocess.run(
+      [sys.executable, "-m", "autospace_jax.main", f"--config={ROOT / 'configs/cifar10.py'}",
+       f"--workdir={tmp_path / 'run'}", f"--config.data.data_dir={empty}"],
+      cwd=tmp_path, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1, result.stderr[-3000:]
+  assert errors[0].startswith(f"error: data.data_dir={str(empty)!r}: TFDS finds no prepared "
+                              f"cifar10 in {empty / 'cifar10'}")
+  assert not (tmp_path / "run" / "space").exists()
+
+
 def test_multiprocess_job_needs_an_explicit_workdir(tmp_path):
   """Each host would default to its own runs/<timestamp>, and a rerun to a new one."""
   result = subprocess.run([sys.executable, "-m", "autospace_jax.main"], cwd=tmp_path,

@@ -63,6 +63,7 @@ def test_imagenet_config_runs_each_stage_for_a_few_steps_on_mock_imagenet(tmp_pa
     config.train.warmup_epochs = 1 / steps["train"]
     config.train.epochs = 3 / steps["train"]
     config_validation.validate(config, workdir)
+    config_validation.check_data(config)  # mocked ImageNet reads like a prepared one
     summary = main.run_pipeline(config, workdir)
 
   space = netspec.load_space(tmp_path / "space" / "learned_space.config")
