@@ -38,6 +38,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory (default ./runs/
 # restart it) rather than a finished one, as a 0 would tell them.
 PREEMPTED_EXIT_CODE = 143
 
+
 def stage_list(stages: str) -> list[str]:
   return [s.strip() for s in stages.split(",") if s.strip()]
 
