@@ -147,17 +147,19 @@ def from_matrix(matrix: Any) -> Genome:
       or any(not isinstance(r, (list, tuple)) or len(r) != NUM_NODES for r in matrix)):
     raise GenomeError(f"a cell matrix must be 4x4, got {matrix!r}")
   mix = matrix[1][3]
-  if not isinstance(mix, (list, tuple)) or len(mix) != 2:
-    raise GenomeError(f"entry [1][3] must hold the two mix genes [m2, m3], got {mix!r}")
+  if (not isinstance(mix, (list, tuple)) or len(mix) != 2
+      or any(type(m) is not int for m in mix)):
+    raise GenomeError(f"entry [1][3] must hold the two integer mix genes [m2, m3], got "
+                      f"{mix!r}")
   for i in range(NUM_NODES):
     for j in range(NUM_NODES):
       if j >= i and (i, j) not in ((0, 3), (1, 3)) and matrix[i][j] != UNUSED:
         raise GenomeError(f"entry [{i}][{j}] must be 0 (unused), got {matrix[i][j]!r}")
   for i in range(NUM_NODES):
     for j in range(i):
-      if not isinstance(matrix[i][j], int):
+      if type(matrix[i][j]) is not int:  # bool is an int subclass: not a code
         raise GenomeError(f"entry [{i}][{j}] must be an integer code, got {matrix[i][j]!r}")
-  if not isinstance(matrix[0][3], int):
+  if type(matrix[0][3]) is not int:
     raise GenomeError(f"entry [0][3] must be the expansion index, got {matrix[0][3]!r}")
   return Genome(tuple(matrix[i][j] for (j, i) in EDGES), matrix[0][3], tuple(mix))
 

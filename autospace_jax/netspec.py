@@ -187,6 +187,12 @@ def _conv_layer_json(in_channels: int, out_channels: int, kernel_size: int,
           "dropout_rate": 0, "ops_order": "weight_bn_act"}
 
 
+def _classifier_json(in_features: int, out_features: int) -> dict[str, Any]:
+  return {"name": "LinearLayer", "in_features": in_features, "out_features": out_features,
+          "bias": True, "use_bn": False, "act_func": None, "dropout_rate": 0,
+          "ops_order": "weight_bn_act"}
+
+
 def _identity_layer_json(channels: int) -> dict[str, Any]:
   return {"name": "IdentityLayer", "in_channels": channels, "out_channels": channels,
           "use_bn": False, "act_func": None, "dropout_rate": 0, "ops_order": "weight_bn_act"}
@@ -227,9 +233,7 @@ def net_to_json(spec: NetSpec) -> dict[str, Any]:
       "blocks": blocks,
       "feature_mix_layer": _conv_layer_json(spec.layers[-1].out_channels, spec.head_channels,
                                             1, 1),
-      "classifier": {"name": "LinearLayer", "in_features": spec.head_channels,
-                     "out_features": spec.num_classes, "bias": True, "use_bn": False,
-                     "act_func": None, "dropout_rate": 0, "ops_order": "weight_bn_act"},
+      "classifier": _classifier_json(spec.head_channels, spec.num_classes),
       "resolution": spec.resolution,
   }
 
@@ -284,12 +288,25 @@ def _expect(obj: Any, key: str, allowed: Any, where: str) -> Any:
   return value
 
 
+def _check_supported(obj: Any, exported: dict[str, Any], where: str) -> None:
+  """Fields that the exporter writes with one value, the only one the model implements
+  (activation, BN, bias, dropout...), must have it when present: a net with another would
+  silently train as a different one."""
+  for key, value in exported.items():
+    if key in obj and key not in _SIZE_FIELDS and obj[key] != value:
+      raise NetFormatError(f"{where}.{key} is {obj[key]!r}; only {value!r} is supported")
+
+
+_SIZE_FIELDS = ("in_channels", "out_channels", "in_features", "out_features")
+
+
 def _conv_layer(d: dict, key: str, kernel_size: int, stride: int) -> tuple[int, int]:
-  """(in_channels, out_channels) of the fixed ConvLayer ``key``, checking its shape."""
+  """(in_channels, out_channels) of the fixed ConvLayer ``key``, checking the rest."""
   conv = _field(d, key, "net")
   _expect(conv, "name", "ConvLayer", key)
   _expect(conv, "kernel_size", kernel_size, key)
   _expect(conv, "stride", stride, key)
+  _check_supported(conv, _conv_layer_json(0, 0, kernel_size, stride), key)
   return _int(conv, "in_channels", key), _int(conv, "out_channels", key)
 
 
@@ -382,6 +399,7 @@ def net_from_json(d: Any) -> NetSpec:
   classifier = _field(d, "classifier", "net")
   _expect(classifier, "name", "LinearLayer", "classifier")
   _expect(classifier, "in_features", head, "classifier")
+  _check_supported(classifier, _classifier_json(0, 0), "classifier")
   num_classes = _int(classifier, "out_features", "classifier")
   resolution = _int(d, "resolution", "net") if "resolution" in d else DEFAULT_RESOLUTION
   return NetSpec(tuple(layers), stem, head, num_classes, resolution, momentum, eps,
@@ -411,7 +429,7 @@ def space_from_json(d: Any) -> list[list[Genome]]:
 def _read_json(path: str | os.PathLike) -> Any:
   try:
     return json.loads(epath.Path(path).read_text())
-  except json.JSONDecodeError as e:
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise NetFormatError(f"{os.fspath(path)}: not valid JSON ({e})") from None
 
 

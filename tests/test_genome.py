@@ -115,8 +115,20 @@ def test_matrix_that_is_not_4x4_is_rejected():
 
 
 def test_matrix_without_mix_pair_is_rejected():
-  with pytest.raises(GenomeError, match=r"entry \[1\]\[3\] must hold the two mix genes"):
+  with pytest.raises(GenomeError, match=r"entry \[1\]\[3\] must hold the two integer mix"):
     genome_lib.from_matrix([[0, 0, 0, 2], [3, 0, 0, 0], [1, 2, 0, 0], [1, 1, 2, 0]])
+
+
+@pytest.mark.parametrize("matrix, entry", [
+    ([[0, 0, 0, 2], [3, 0, 0, [0, 0]], [True, 2, 0, 0], [1, 1, 2, 0]], r"\[2\]\[0\]"),
+    ([[0, 0, 0, 2.0], [3, 0, 0, [0, 0]], [1, 2, 0, 0], [1, 1, 2, 0]], r"\[0\]\[3\]"),
+    ([[0, 0, 0, 2], [3, 0, 0, [0.9, 0]], [1, 2, 0, 0], [1, 1, 2, 0]], r"\[1\]\[3\]"),
+    ([[0, 0, 0, 2], [3, 0, 0, [0, True]], [1, 2, 0, 0], [1, 1, 2, 0]], r"\[1\]\[3\]"),
+])
+def test_matrix_entries_must_be_integers_not_bools_or_floats(matrix, entry):
+  """JSON true and 0.9 are not codes; reading them as 1 and 0 would change the cell."""
+  with pytest.raises(GenomeError, match=f"entry {entry} must"):
+    genome_lib.from_matrix(matrix)
 
 
 def test_matrix_with_nonzero_padding_is_rejected():

@@ -164,6 +164,13 @@ def test_channel_mismatches_name_the_block_or_field(edit, message):
     (lambda d: conv(d, 1).update(has_se=True), "has_se must be the same on every block"),
     (lambda d: d["first_conv"].update(stride=1), "first_conv.stride is 1, expected 2"),
     (lambda d: d.update(resolution=0), "net.resolution must be a positive integer"),
+    # Settings the model does not implement would otherwise train another net silently.
+    (lambda d: d["feature_mix_layer"].update(act_func="h_swish"),
+     "feature_mix_layer.act_func is 'h_swish'; only 'relu6' is supported"),
+    (lambda d: d["first_conv"].update(use_bn=False),
+     "first_conv.use_bn is False; only True is supported"),
+    (lambda d: d["classifier"].update(dropout_rate=0.2),
+     "classifier.dropout_rate is 0.2; only 0 is supported"),
 ])
 def test_malformed_nets_are_rejected_with_one_clear_message(edit, message):
   with pytest.raises(NetFormatError, match=message):
@@ -175,9 +182,10 @@ def test_load_net_names_the_file(tmp_path):
   path.write_text(json.dumps(broken(lambda d: conv(d, 5).update(in_channels=32))))
   with pytest.raises(NetFormatError, match=f"^{re.escape(str(path))}: block 5: "):
     netspec.load_net(path)
-  path.write_text("{")
-  with pytest.raises(NetFormatError, match=f"^{re.escape(str(path))}: not valid JSON"):
-    netspec.load_net(path)
+  for text in (b"{", bytes(range(256))):  # cut short; not even text
+    path.write_bytes(text)
+    with pytest.raises(NetFormatError, match=f"^{re.escape(str(path))}: not valid JSON"):
+      netspec.load_net(path)
 
 
 def test_zero_layer_without_shortcut_cannot_be_written():
