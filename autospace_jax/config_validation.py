@@ -317,6 +317,11 @@ def _check_search(config: ml_collections.ConfigDict, stages: list[str]) -> None:
   if space not in BUILTIN_SPACES:
     _check_file("search.space", space, "not 'learned', 'irb' or", netspec.load_space,
                 "space")
+    if "space" in stages and "search" in stages:
+      raise ConfigError(f"search.space={space!r} names a space file, but stages="
+                        f"{config.stages!r} also learns one (stage 'space'), which stage 2 "
+                        "would search instead; drop 'space' from stages or set "
+                        "search.space='learned'")
   _bool(config, "search.compare_irb")
   targets = _positive_ints(config, "search.targets")
   fractions = _sequence(config, "search.target_fractions", "numbers")

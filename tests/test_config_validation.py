@@ -187,6 +187,16 @@ def test_space_file_must_be_readable(tmp_path):
   assert _error(config).startswith(f"search.space={str(space)!r} is not a valid space file")
 
 
+def test_a_space_file_is_not_searched_while_stage_1_learns_another(tmp_path):
+  """Stage 2 would search stage 1's output, silently ignoring the named file."""
+  space = tmp_path / "space.config"
+  netspec.save_space([[genome_lib.REFERENCE] * 3] * 8, space)
+  config = _override(presets.default(), {"stages": "space,search", "search.space": str(space)})
+  assert _error(config).startswith(f"search.space={str(space)!r} names a space file, but "
+                                   "stages='space,search' also learns one")
+  config_validation.validate(_override(config, {"stages": "space"}))  # not searched: fine
+
+
 def test_workdir_must_be_writable(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("")
