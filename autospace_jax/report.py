@@ -285,12 +285,14 @@ def plot_learned_cells(space: dict, path: str) -> None:
   _save(fig, path)
 
 
-def plot_final_net(name: str, result: dict, path: str) -> None:
-  """The final network's chosen cell in every layer (Zero layers are skipped layers)."""
+def plot_final_net(name: str, result: dict, path: str, trained: dict | None = None) -> None:
+  """The final network's chosen cell in every layer (Zero layers are skipped layers),
+  titled with the size of the net stage 3 trained (SE included) when there is one."""
   matrices = result["matrices"]
+  size = trained or result
   rows, cols = _grid(len(matrices), 6)
-  fig, axes = _cell_grid(rows, cols, 0.1, f"Final net {name}: {_mega(result['madds'])} "
-                         f"MAdds, {_mega(result['params'])} params")
+  fig, axes = _cell_grid(rows, cols, 0.1, f"Final net {name}: {_mega(size['madds'])} "
+                         f"MAdds, {_mega(size['params'])} params")
   for index, ax in enumerate(axes.flat):
     if index >= len(matrices):
       ax.set_visible(False)
@@ -532,7 +534,8 @@ def _final_section(final: str | None, inferred: bool, results: dict[str, dict],
   if final not in results:
     return lines + [f"_No search result for `{final}` (`search/{final}/{RESULT_FILE}`), so "
                     "its cells are not drawn._", ""]
-  plot_final_net(final, results[final], os.path.join(figures, "final_net.png"))
+  plot_final_net(final, results[final], os.path.join(figures, "final_net.png"),
+                 metrics.get(final))
   cells = results[final]["cells"]
   return lines + _table(["layer", "cell"], [(i, f"`{c}`") for i, c in enumerate(cells)]) + [
       "![final net](figures/final_net.png)", ""]

@@ -135,3 +135,19 @@ def test_curve_reading_follows_the_numbers():
       learned + higher_irb)
   comparison = report.compare_curves(learned, irb)
   assert np.isclose(comparison["mean"], (-0.04 + 0.04) / 2)
+
+
+def test_final_net_figure_gives_the_size_of_the_net_stage_3_trained(tmp_path, monkeypatch):
+  """With SE on, the trained net is larger than the searched one; the figure's title and
+  the text above it must quote the same (trained) size."""
+  titles = []
+  save = report._save
+  monkeypatch.setattr(report, "_save", lambda fig, path: (
+      titles.append(fig._suptitle.get_text()), save(fig, path)))
+  matrices = [genome_lib.to_matrix(g) for g in CELLS]
+  searched = {"madds": 30_000_000, "params": 1_000_000, "matrices": matrices}
+  trained = {"madds": 31_000_000, "params": 1_500_000}
+  report.plot_final_net("learned_30.00M", searched, str(tmp_path / "a.png"), trained)
+  report.plot_final_net("learned_30.00M", searched, str(tmp_path / "b.png"))
+  assert titles == ["Final net learned_30.00M: 31M MAdds, 1.5M params",
+                    "Final net learned_30.00M: 30M MAdds, 1M params"]
