@@ -21,7 +21,8 @@ Rules that are choices of this module:
   since touching a device first would make joining impossible; `main` runs
   `check_devices` once it has joined.
 - A local workdir that already holds stage outputs resumes that run, so `RESUME_FIELDS`
-  (seed, data, skeleton, populations, batch sizes) must equal those in its config.json.
+  (seed, data, skeleton) and the settings of each stage it holds must equal those in its
+  config.json, and a given `train.net` the net its stage-3 directory trained.
 - Paths with a URL scheme (`gs://...`: workdir, train.net, search.space) are not probed.
 """
 
@@ -81,6 +82,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None) -> N
   local_workdir = workdir is not None and not _is_remote(workdir)
   if local_workdir:
     _check_resumable(config, workdir)
+    _check_given_net(config, stages, workdir)
     _check_learned_space(config, stages, workdir)
   if "space" in stages:
     _check_madds_cap(config)
@@ -389,30 +391,63 @@ def _check_workdir(workdir: str) -> None:
 # Settings that fix a run's data streams and state shapes: a run resumed from a work
 # directory must keep them, or it silently continues another run's checkpoints.
 RESUME_FIELDS = ("seed", "data.name", "data.image_size", "model.width_multiplier",
-                 "model.layers_per_stage", "space.population_size", "space.num_cells",
-                 "space.batch_size", "search.batch_size", "train.batch_size")
+                 "model.layers_per_stage")
+# Fields of a stage's section that its outputs and checkpoints do not depend on: they pick
+# which searches run (each writes a directory of its own) or how often stage 3 evaluates;
+# `train.net` is checked against the copy its directory keeps (`train.NET_RECORD`).
+FREE_STAGE_FIELDS = {"search": ("compare_irb", "targets", "target_fractions"),
+                     "train": ("net", "eval_every_epochs")}
 
 
 def _check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """A work directory that holds an earlier run's outputs resumes that run: RESUME_FIELDS
-  must match its config.json."""
+  """A work directory that holds an earlier run's outputs resumes that run: RESUME_FIELDS,
+  and the fields of every stage whose directory it holds, must match its config.json (a
+  changed one would resume the stage on other settings, or report its old results)."""
   record = os.path.join(workdir, "config.json")
-  if not os.path.isfile(record) or not any(
-      os.path.isdir(os.path.join(workdir, stage)) for stage in STAGES):
+  started = [stage for stage in STAGES if os.path.isdir(os.path.join(workdir, stage))]
+  if not os.path.isfile(record) or not started:
     return
   with open(record) as f:
     earlier = ml_collections.ConfigDict(json.load(f))
-  for path in RESUME_FIELDS:
+
+  def changed(path: str) -> str | None:
     try:
       before = _value(earlier, path)
     except ConfigError:
-      continue  # a record from a version without this field
+      return None  # a record from a version without this field
     now = _value(config, path)
-    if json.loads(json.dumps(now, default=list)) != before:
-      raise ConfigError(
-          f"{path}={now!r} differs from {before!r} of the run in workdir={workdir!r} "
-          f"(its config.json); resuming it needs the same {', '.join(RESUME_FIELDS)}. "
-          "Use another --workdir for a new run")
+    if json.loads(json.dumps(now, default=list)) == before:
+      return None
+    return f"{path}={now!r} differs from {before!r} of the run in workdir={workdir!r} (its "
+
+  for path in RESUME_FIELDS:
+    if message := changed(path):
+      raise ConfigError(message + f"config.json); resuming it needs the same "
+                        f"{', '.join(RESUME_FIELDS)}. Use another --workdir for a new run")
+  for stage in started:
+    for key in config[stage]:
+      if key not in FREE_STAGE_FIELDS.get(stage, ()) and (
+          message := changed(f"{stage}.{key}")):
+        raise ConfigError(
+            message + f"config.json), whose {stage}/ outputs depend on it: rerun with the "
+            f"old value, remove {os.path.join(workdir, stage)} and the later stages' "
+            f"directories to redo stage {stage!r} with the new one, or use another "
+            "--workdir")
+
+
+def _check_given_net(config: ml_collections.ConfigDict, stages: list[str],
+                     workdir: str) -> None:
+  """A given `train.net` must be the net that workdir's stage-3 directory for it trains."""
+  if "train" not in stages or not config.train.net or _is_remote(config.train.net):
+    return
+  from autospace_jax import train  # noqa: PLC0415 -- heavy; needed only here.
+
+  try:
+    train.check_net_record(os.path.join(workdir, "train", train.GIVEN_NET_RUN),
+                           train.load_net(config, config.train.net))
+  except ValueError as error:
+    raise ConfigError(f"train.net={config.train.net!r} is not the net of the run in "
+                      f"workdir={workdir!r}: {error}") from None
 
 
 def _check_learned_space(config: ml_collections.ConfigDict, stages: list[str],

@@ -110,8 +110,8 @@ def run_pipeline(config, workdir: str) -> dict:
   if "train" in stages:
     if config.train.net:
       summary["final"] = "net"
-      train.run(config, config.train.net, os.path.join(workdir, "train", "net"), writer,
-                parallel, "train")
+      train.run(config, config.train.net, os.path.join(workdir, "train", train.GIVEN_NET_RUN),
+                writer, parallel, "train")
     for result in results:
       tag = arch_search.run_name(result["space"], result["target_madds"])
       train.run(config, os.path.join(workdir, "search", tag, arch_search.NET_FILE),

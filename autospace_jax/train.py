@@ -32,6 +32,8 @@ from autospace_jax import supernet
 from autospace_jax.parallel import DataParallel
 
 METRICS_FILE = "metrics.json"
+NET_RECORD = "net.json"  # the net a stage-3 directory trains, as it was given
+GIVEN_NET_RUN = "net"  # the directory under train/ of the net `train.net` names
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -154,17 +156,38 @@ class Trainer:
     return metrics
 
 
-def run(config: ml_collections.ConfigDict, net_path: str, workdir: str, writer: Any = None,
-        parallel: DataParallel | None = None, tag: str = "train") -> dict:
-  """Train ``net_path`` into ``workdir`` unless its metrics already exist."""
-  path = epath.Path(workdir) / METRICS_FILE
-  if path.exists():
-    return json.loads(path.read_text())
+def load_net(config: ml_collections.ConfigDict, net_path: str) -> netspec.NetSpec:
+  """The net in ``net_path`` with the configured data set's classes and resolution."""
   net = netspec.load_net(net_path)
   info = input_pipeline.dataset_info(config.data.name)
   if net.num_classes != info.num_classes or net.resolution != config.data.image_size:
     net = netspec.NetSpec(net.layers, net.stem_channels, net.head_channels, info.num_classes,
                           config.data.image_size, net.bn_momentum, net.bn_eps, net.se)
+  return net
+
+
+def check_net_record(workdir: str, net: netspec.NetSpec) -> None:
+  """Raise ValueError if ``workdir`` trained, or began training, another net than
+  ``net``: its checkpoints and metrics belong to that one."""
+  record = epath.Path(workdir) / NET_RECORD
+  if record.exists() and netspec.load_net(record) != net:
+    raise ValueError(f"{workdir} trained another net (its {NET_RECORD}); remove that "
+                     "directory to train this one there, or use another --workdir")
+
+
+def run(config: ml_collections.ConfigDict, net_path: str, workdir: str, writer: Any = None,
+        parallel: DataParallel | None = None, tag: str = "train") -> dict:
+  """Train ``net_path`` into ``workdir`` unless its metrics already exist; the directory
+  keeps a copy of the net, and refuses another one."""
+  net = load_net(config, net_path)
+  check_net_record(workdir, net)
+  path = epath.Path(workdir) / METRICS_FILE
+  if path.exists():
+    return json.loads(path.read_text())
+  record = epath.Path(workdir) / NET_RECORD
+  if jax.process_index() == 0 and not record.exists():
+    record.parent.mkdir(parents=True, exist_ok=True)
+    netspec.save_net(net, record)
   return Trainer(config, net, workdir, parallel, writer, tag).run()
 
 

@@ -362,3 +362,47 @@ def test_a_workdir_with_outputs_resumes_only_with_the_settings_that_fix_its_stat
       _override(presets.default(), {"model.layers_per_stage": (1, 1, 1, 1, 1, 2)}), workdir)
   config_validation.validate(presets.default(), workdir)  # the same run resumes
   config_validation.validate(_override(presets.default(), {"train.epochs": 20.0}), workdir)
+
+
+def test_a_stage_with_outputs_resumes_only_with_its_own_settings(tmp_path):
+  """A finished stage 3 would report its old metrics for new settings, and one under way
+  would switch its learning-rate schedule; settings that only pick what runs, each in a
+  directory of its own, may change."""
+  from autospace_jax import main  # noqa: PLC0415 -- flags defined on import
+  workdir = str(tmp_path)
+  main.write_config_record(presets.default(), workdir)
+  (tmp_path / "space").mkdir()
+  (tmp_path / "search").mkdir()
+  config_validation.validate(_override(presets.default(), {"train.epochs": 20.0}), workdir)
+  message = _error(_override(presets.default(), {"search.epochs": 4.0}), workdir)
+  assert message.startswith("search.epochs=4.0 differs from 2.0 of the run in workdir=")
+  assert f"remove {tmp_path / 'search'} and the later stages' directories" in message
+  config_validation.validate(_override(presets.default(), {
+      "search.target_fractions": (0.5,), "search.compare_irb": False}), workdir)
+  (tmp_path / "train").mkdir()
+  for field, value in (("epochs", 20.0), ("se", True), ("dtype", "bfloat16"),
+                       ("learning_rate", 0.2)):
+    assert _error(_override(presets.default(), {f"train.{field}": value}), workdir
+                  ).startswith(f"train.{field}={value!r} differs from ")
+  config_validation.validate(_override(presets.default(), {"train.eval_every_epochs": 1.0}),
+                             workdir)
+
+
+def test_a_given_net_resumes_only_in_the_directory_that_trains_it(tmp_path):
+  from autospace_jax import train  # noqa: PLC0415
+  first = tmp_path / "first"
+  first.mkdir()
+  config = _override(presets.default(), {"stages": "train", "train.net": _net_file(first)})
+  workdir = tmp_path / "run"
+  config_validation.validate(config, str(workdir))
+  net_dir = workdir / "train" / train.GIVEN_NET_RUN
+  net_dir.mkdir(parents=True)
+  netspec.save_net(train.load_net(config, config.train.net), net_dir / train.NET_RECORD)
+  config_validation.validate(config, str(workdir))  # the same net resumes
+  other = netspec.build_net([genome_lib.irb(5, 3)] * 6, 0.35, (1, 1, 1, 1, 1, 1), 10, 32)
+  netspec.save_net(other, tmp_path / "other.json")
+  message = _error(_override(config, {"train.net": str(tmp_path / "other.json")}),
+                   str(workdir))
+  assert message.startswith(f"train.net={str(tmp_path / 'other.json')!r} is not the net of "
+                            "the run in workdir=")
+  assert "remove that directory to train this one there" in message

@@ -10,6 +10,7 @@ from autospace_jax import config_validation
 from autospace_jax import input_pipeline
 from autospace_jax import main
 from autospace_jax import netspec
+from autospace_jax import train
 from conftest import ROOT
 
 
@@ -80,8 +81,14 @@ def test_imagenet_config_runs_each_stage_for_a_few_steps_on_mock_imagenet(tmp_pa
   for result in results:
     net = netspec.load_net(result.parent / "net.json")
     assert net.num_classes == 1000
-    metrics = json.loads((tmp_path / "train" / result.parent.name / "metrics.json")
-                         .read_text())
+    trained = tmp_path / "train" / result.parent.name
+    metrics = json.loads((trained / "metrics.json").read_text())
     assert metrics["steps"] == 3 and 0.0 <= metrics["top1"] <= metrics["top5"] <= 1.0
+    # Stage 3 keeps the net it trained, and its directory refuses any other net (whose
+    # metrics it would otherwise return as if they were this one's).
+    assert netspec.load_net(trained / train.NET_RECORD) == net
+    other = next(r for r in results if r != result).parent / "net.json"
+    with pytest.raises(ValueError, match=f"{trained} trained another net"):
+      train.run(config, str(other), str(trained))
   assert summary["data"] == "imagenet2012"
   assert (tmp_path / "report.md").exists()
