@@ -1,10 +1,11 @@
-"""Multi-host stage 1: two processes on one machine run as one job and stay in step.
+"""Multi-host stages 1 and 2: two processes on one machine run as one job, in step.
 
 Each process joins a `jax.distributed` job on localhost (one CPU device each, collectives
 over Gloo), runs stage 1 in a shared work directory (as hosts share a bucket, so Orbax
 writes one checkpoint for both) and reports its populations and its own replica of the
-weights; the test compares the two, and checks that both can load the learned space
-as soon as stage 1 returns.
+weights, then searches the learned space (stage 2) and reports its α and net; the test
+compares the two hosts, and checks that both can load each stage's output as soon as the
+stage returns, though process 0 writes it late.
 """
 
 import json
@@ -30,17 +31,18 @@ _HOST = textwrap.dedent('''
                                process_id=process_id)
     import os, time
     import numpy as np
-    from autospace_jax import netspec, space_search, supernet
+    from autospace_jax import arch_search, netspec, space_search, supernet
     from autospace_jax.parallel import DataParallel
     from conftest import short_schedule, tiny_config
 
-    save_space = netspec.save_space
+    def written_late(save):  # process 0 writes 3 s late, as on a slow bucket
+      def slow_save(value, path):
+        time.sleep(3)
+        save(value, path)
+      return slow_save
 
-    def slow_save_space(space, path):  # process 0 writes late, as on a slow bucket
-      time.sleep(3)
-      save_space(space, path)
-
-    netspec.save_space = slow_save_space
+    netspec.save_space = written_late(netspec.save_space)
+    netspec.save_net = written_late(netspec.save_net)
     final = {}
     finish = space_search.SpaceSearch.finish
 
@@ -64,6 +66,15 @@ _HOST = textwrap.dedent('''
     np.savez(f"{out}/weights_{process_id}.npz",
              **{jax.tree_util.keystr(p): local(x)
                 for p, x in jax.tree_util.tree_flatten_with_path(trees)[0]})
+    # Stage 2 on the learned space: 1 warm-up step, then weight and α steps; stage 3
+    # loads the searched net on every host as soon as stage 2 returns.
+    config.search.compare_irb = False
+    [searched] = arch_search.run(config, workdir, os.path.join(
+        workdir, "space", "learned_space.config"), None, DataParallel())
+    [net_file] = (p for p in (os.path.join(workdir, "search", d, arch_search.NET_FILE)
+                              for d in os.listdir(os.path.join(workdir, "search")))
+                  if os.path.exists(p))
+    net = netspec.load_net(net_file)
     initial = supernet.init_variables(search.spec, config.seed)["params"]
     moved = max(float(np.max(np.abs(local(x) - y)))
                 for x, y in zip(jax.tree.leaves(state.params), jax.tree.leaves(initial)))
@@ -72,7 +83,10 @@ _HOST = textwrap.dedent('''
         "devices": [len(jax.devices()), len(jax.local_devices())],
         "steps": [search.warmup_steps, search.total_steps, int(local(state.step))],
         "params_moved": moved, "run": final["run"], "records": result["records"],
-        "loaded_space": [[g.describe() for g in cells] for cells in loaded]}))
+        "loaded_space": [[g.describe() for g in cells] for cells in loaded],
+        "search": {k: searched[k] for k in ("alpha", "choice", "cells", "steps")},
+        "loaded_net": ["zero" if layer.op == netspec.ZERO else layer.op.describe()
+                       for layer in net.layers[1:]]}))
 ''')
 
 
@@ -104,7 +118,7 @@ def _run_two_hosts(workdir: Path, out: Path) -> list[dict]:
   return reports
 
 
-def test_two_processes_agree_on_populations_and_weights_through_stage_1(tmp_path):
+def test_two_processes_agree_on_populations_weights_and_the_searched_net(tmp_path):
   workdir, out = tmp_path / "work", tmp_path / "out"
   workdir.mkdir()
   out.mkdir()
@@ -144,3 +158,10 @@ def test_two_processes_agree_on_populations_and_weights_through_stage_1(tmp_path
   # 3 s before writing), so both loaded the space they had learned.
   learned_space = [[cell["description"] for cell in layer] for layer in first["records"]]
   assert first["loaded_space"] == second["loaded_space"] == learned_space
+
+  # Stage 2: the same α (trained on all-reduced gradients) and net on both hosts, and
+  # each loaded the net process 0 wrote 3 s late.
+  assert first["search"] == second["search"]
+  assert first["search"]["steps"] > 1 and any(
+      a != 0 for layer in first["search"]["alpha"] for a in layer)
+  assert first["loaded_net"] == second["loaded_net"] == first["search"]["cells"]
