@@ -53,26 +53,6 @@ def irb_space(num_layers: int) -> list[list[genome_lib.Genome]]:
   return [list(cells) for _ in range(num_layers)]
 
 
-def expand_space(space: Sequence[Sequence[genome_lib.Genome]],
-                 layers_per_stage: Sequence[int]) -> list[list[genome_lib.Genome]]:
-  """Per-layer cells for the skeleton. A space with one entry per layer is used as is; one
-  with an entry per (stage, first-or-rest) group, like the official 11-layer file for the
-  21-layer net, is shared within each group."""
-  num_layers = sum(layers_per_stage)
-  if len(space) == num_layers:
-    return [list(c) for c in space]
-  groups = [(s, 0) for s, n in enumerate(layers_per_stage)]
-  groups += [(s, 1) for s, n in enumerate(layers_per_stage) if n > 1]
-  groups.sort()
-  if len(space) != len(groups):
-    raise ValueError(f"search.space has {len(space)} layers; the skeleton "
-                     f"model.layers_per_stage={tuple(layers_per_stage)} needs {num_layers} "
-                     f"(one per layer) or {len(groups)} (first and rest of each stage)")
-  index = {g: i for i, g in enumerate(groups)}
-  return [list(space[index[(s, int(j > 0))]]) for s, n in enumerate(layers_per_stage)
-          for j in range(n)]
-
-
 def stage_first_layers(layers_per_stage: Sequence[int]) -> list[bool]:
   return [j == 0 for n in layers_per_stage for j in range(n)]
 
@@ -184,7 +164,7 @@ class ArchSearch:
     self.writer = writer
     info = input_pipeline.dataset_info(config.data.name)
     lps = tuple(config.model.layers_per_stage)
-    space = expand_space(space, lps)
+    space = netspec.expand_space(space, lps)
     codes = sorted({c for cells in space for g in cells for c in g.edges
                     if c in genome_lib.CONV_CODES})
     self.candidates, self.mask = pad_candidates(candidates_for(space, lps))

@@ -324,6 +324,11 @@ def _check_search(config: ml_collections.ConfigDict, stages: list[str]) -> None:
                         f"{config.stages!r} also learns one (stage 'space'), which stage 2 "
                         "would search instead; drop 'space' from stages or set "
                         "search.space='learned'")
+    if "search" in stages and not _is_remote(space):
+      try:
+        netspec.expand_space(netspec.load_space(space), config.model.layers_per_stage)
+      except netspec.NetFormatError as error:
+        raise ConfigError(f"search.space={space!r} does not fit the net: {error}") from None
   _bool(config, "search.compare_irb")
   targets = _positive_ints(config, "search.targets")
   fractions = _sequence(config, "search.target_fractions", "numbers")

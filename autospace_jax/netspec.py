@@ -176,6 +176,27 @@ def mobilenet_v2(num_classes: int = 1000, resolution: int = DEFAULT_RESOLUTION) 
   return NetSpec(tuple(layers), STEM_CHANNELS, HEAD_CHANNELS, num_classes, resolution)
 
 
+def expand_space(space: Sequence[Sequence[Genome]],
+                 layers_per_stage: Sequence[int]) -> list[list[Genome]]:
+  """Per-layer cells for the skeleton. A space with one entry per layer is used as is; one
+  with an entry per (stage, first-or-rest) group, like the official 11-layer file for the
+  21-layer net, is shared within each group."""
+  num_layers = sum(layers_per_stage)
+  if len(space) == num_layers:
+    return [list(c) for c in space]
+  groups = [(s, 0) for s, n in enumerate(layers_per_stage)]
+  groups += [(s, 1) for s, n in enumerate(layers_per_stage) if n > 1]
+  groups.sort()
+  if len(space) != len(groups):
+    needs = (f"{num_layers}" if num_layers == len(groups) else
+             f"{num_layers} (one per layer) or {len(groups)} (first and rest of each stage)")
+    raise NetFormatError(f"the space has {len(space)} layers; the skeleton "
+                         f"model.layers_per_stage={tuple(layers_per_stage)} needs {needs}")
+  index = {g: i for i, g in enumerate(groups)}
+  return [list(space[index[(s, int(j > 0))]]) for s, n in enumerate(layers_per_stage)
+          for j in range(n)]
+
+
 # --- Writing the official format ----------------------------------------------------------
 
 

@@ -220,7 +220,7 @@ def test_official_eleven_layer_space_file_fills_the_21_layer_skeleton():
   space = netspec.load_space(reference_file("autospace_search_space.config"))
   assert [len(cells) for cells in space] == [9] * 11
   lps = presets.imagenet().model.layers_per_stage
-  expanded = arch_search.expand_space(space, lps)
+  expanded = netspec.expand_space(space, lps)
   assert len(expanded) == 21
   # Groups in order: stage 0 first, stage 0 rest, stage 1 first, ... stage 5 first.
   starts = np.cumsum([0, *lps[:-1]])
@@ -238,8 +238,9 @@ def test_official_eleven_layer_space_file_fills_the_21_layer_skeleton():
 
 def test_space_file_with_the_wrong_number_of_layers_names_the_skeleton_field():
   space = [[genome_lib.REFERENCE]] * 5
-  with pytest.raises(ValueError, match=r"model.layers_per_stage=\(4, 4, 4, 4, 4, 1\)"):
-    arch_search.expand_space(space, (4, 4, 4, 4, 4, 1))
+  with pytest.raises(netspec.NetFormatError,
+                     match=r"model.layers_per_stage=\(4, 4, 4, 4, 4, 1\) needs 21 \(one"):
+    netspec.expand_space(space, (4, 4, 4, 4, 4, 1))
 
 
 def test_irb_baseline_space_is_the_six_inverted_residual_blocks():

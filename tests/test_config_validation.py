@@ -22,6 +22,7 @@ from autospace_jax import genome as genome_lib
 from autospace_jax import netspec
 from autospace_jax import presets
 from autospace_jax.config_validation import ConfigError
+from conftest import reference_file
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -180,11 +181,22 @@ def test_train_only_needs_a_readable_net(tmp_path):
 
 def test_space_file_must_be_readable(tmp_path):
   space = tmp_path / "space.config"
-  netspec.save_space([[genome_lib.REFERENCE] * 3] * 8, space)
+  netspec.save_space([[genome_lib.REFERENCE] * 3] * 6, space)
   config = _override(presets.default(), {"stages": "search", "search.space": str(space)})
   config_validation.validate(config)
   space.write_text("not json")
   assert _error(config).startswith(f"search.space={str(space)!r} is not a valid space file")
+
+
+def test_a_space_file_must_fit_the_skeleton(tmp_path):
+  """The authors' 11-layer space fits the 21-layer ImageNet skeleton, not the default's 6
+  layers; found before the run, not when stage 2 starts."""
+  space = str(reference_file("autospace_search_space.config"))
+  config_validation.validate(_override(presets.imagenet(), {"stages": "search",
+                                                            "search.space": space}))
+  assert _error(_override(presets.default(), {"stages": "search", "search.space": space})) == (
+      f"search.space={space!r} does not fit the net: the space has 11 layers; the skeleton "
+      "model.layers_per_stage=(1, 1, 1, 1, 1, 1) needs 6")
 
 
 def test_a_space_file_is_not_searched_while_stage_1_learns_another(tmp_path):
