@@ -412,8 +412,16 @@ def _check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
   started = [stage for stage in STAGES if os.path.isdir(os.path.join(workdir, stage))]
   if not os.path.isfile(record) or not started:
     return
-  with open(record) as f:
-    earlier = ml_collections.ConfigDict(json.load(f))
+  try:
+    with open(record) as f:
+      earlier = json.load(f)
+    if not isinstance(earlier, dict):
+      raise ValueError(f"a JSON {type(earlier).__name__}, not an object")
+  except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError too
+    raise ConfigError(f"workdir={workdir!r} holds stage outputs but its config.json, the "
+                      f"settings they were made with, is unreadable ({error}); restore it, "
+                      "or use another --workdir") from None
+  earlier = ml_collections.ConfigDict(earlier)
 
   def changed(path: str) -> str | None:
     try:

@@ -9,17 +9,21 @@ multi-process job must name it, since each host would pick its own timestamp.
 from __future__ import annotations
 
 import datetime
+import difflib
 import json
 import logging as std_logging
 import os
+import re
 import shlex
 import sys
-from typing import Sequence
+import traceback
+from typing import NoReturn, Sequence
 
 from absl import app
 from absl import flags
 from absl import logging
 from etils import epath
+import ml_collections
 from ml_collections import config_flags
 
 from autospace_jax import config_validation
@@ -27,10 +31,50 @@ from autospace_jax import distributed
 from autospace_jax import files
 from autospace_jax import presets
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", f"{presets.__file__}:default", "Config file returning a ConfigDict from "
-    "get_config(), e.g. configs/imagenet.py (default: the embedded digits config); "
-    "override one field with --config.a.b=v.", lock_config=True)
+
+
+def exit_with_error(message: str) -> NoReturn:
+  """One `error:` line and exit status 2, as for every bad command line."""
+  print(f"error: {' '.join(message.split())}", file=sys.stderr)
+  sys.exit(2)
+
+
+def missing_field(config: ml_collections.ConfigDict, path: str) -> str | None:
+  """None if ``config`` has the dotted field ``path``; else which part it lacks and the
+  nearest field it has there."""
+  node, known = config, []
+  for part in path.split("."):
+    if not (isinstance(node, ml_collections.ConfigDict) and part in node):
+      break
+    node, known = node[part], known + [part]
+  else:
+    return None
+  section = ".".join(known)
+  where = f"{section}." if section else ""
+  if not isinstance(node, ml_collections.ConfigDict):
+    return f"--config.{path}: {section} is a value, not a section"
+  close = difflib.get_close_matches(part, list(node.keys()), n=1)
+  hint = (f"did you mean --config.{where}{close[0]}?" if close else
+          f"{section or 'the config'} has {', '.join(sorted(node.keys()))}")
+  return f"--config.{path}: the config has no field {where}{part}; {hint}"
+
+
+def _unknown_override(config: ml_collections.ConfigDict, argv: Sequence[str]) -> str | None:
+  """The message for the first ``--config.a.b`` override in ``argv`` that ``config`` lacks."""
+  return next((message for arg in argv if (match := re.match(r"--config\.([^=]+)", arg))
+               and (message := missing_field(config, match.group(1)))), None)
+
+
+try:
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", f"{presets.__file__}:default", "Config file returning a ConfigDict from "
+      "get_config(), e.g. configs/imagenet.py (default: the embedded digits config); "
+      "override one field with --config.a.b=v.", lock_config=True)
+except (AttributeError, KeyError):
+  # ml_collections looks the --config.a.b overrides in sys.argv up in the default config
+  # as it defines the flag: one naming a field no preset has fails here, at import.
+  exit_with_error(_unknown_override(presets.default(), sys.argv)
+                  or "a --config.a.b override names a field the config lacks")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory (default ./runs/<timestamp>).")
 
 # Exit status after a preemption save: 128 + SIGTERM, what the process would return had
@@ -147,6 +191,10 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   config = _CONFIG.value
   try:
+    config.keys()  # ml_collections defers a config file's load error to the first read
+  except OSError as error:
+    exit_with_error(f"--config: {_last_line(str(error))}")
+  try:
     workdir = resolve_workdir(config)
     config_validation.validate(config, workdir)
     if distributed.maybe_initialize():
@@ -175,8 +223,34 @@ def main(argv: Sequence[str]) -> None:
     sys.exit(3)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a bad flag as one `error:` line and exit status 2: a value
+  of the wrong type, an override of a field the config lacks, a config file that fails."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as error:
+    text = str(error)
+    if "Traceback (most recent call last)" in text:  # keep the flag and the exception
+      flag = re.match(r"(flag --\S+): ", text)
+      text = f"{flag.group(1) if flag else 'flag'}: {_last_line(text)}"
+    exit_with_error(text)
+  except Exception as error:  # noqa: BLE001 -- raised by the user's config file or override
+    loaded = flags.FLAGS["config"].value
+    config = loaded if isinstance(loaded, ml_collections.ConfigDict) else presets.default()
+    if message := _unknown_override(config, argv):
+      exit_with_error(message)
+    where = "" if isinstance(error, SyntaxError) else "".join(  # its message says where
+        f" ({frame.filename}:{frame.lineno})"
+        for frame in traceback.extract_tb(error.__traceback__)[-1:])
+    exit_with_error(f"--config: {type(error).__name__}: {error}{where}")
+
+
+def _last_line(text: str) -> str:
+  return [line for line in text.splitlines() if line.strip()][-1].strip()
+
+
 def run_cli() -> None:
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

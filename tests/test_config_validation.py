@@ -349,6 +349,37 @@ def test_a_tfds_data_set_never_prepared_in_data_dir_is_refused_before_the_run(tm
   assert not (tmp_path / "run" / "space").exists()
 
 
+@pytest.mark.parametrize("args, expected", [
+    (["--config.space.popsize=3"], "error: --config.space.popsize: the config has no field "
+     "space.popsize; did you mean --config.space.population_size?"),
+    (["--config=configs/cifar10.py", "--config.trian.epochs=3"],
+     "error: --config.trian.epochs: the config has no field trian; did you mean "
+     "--config.train?"),
+    (["--config.seed.x=1"], "error: --config.seed.x: seed is a value, not a section"),
+    (["--config.space.population_size=1.5"], "error: flag --config.space.population_size="
+     "1.5: invalid literal for int() with base 10: '1.5'"),
+    (["--config=configs/nonexistent.py"],
+     "error: --config: [Errno 2] No such file or directory: 'configs/nonexistent.py'"),
+    (["--config=autospace_jax/presets.py:bogus"], "error: flag --config=autospace_jax/"
+     "presets.py:bogus: ValueError: unknown preset 'bogus'; choose one of default, cifar10, "
+     "imagenet"),
+    (["--config={raises}"], "error: --config: RuntimeError: no such field ({raises}:4)"),
+])
+def test_bad_flags_are_one_error_line_too(tmp_path, args, expected):
+  """Typos in a field name, a value or a config file, the first errors a user makes, get
+  the config checks' format (one line, exit status 2), not a traceback."""
+  raises = tmp_path / "raises.py"
+  raises.write_text("import ml_collections\n\ndef get_config():\n"
+                    "  raise RuntimeError('no such field')\n")
+  result = subprocess.run(
+      [sys.executable, "-m", "autospace_jax.main", f"--workdir={tmp_path / 'run'}",
+       *(a.format(raises=raises) for a in args)],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert result.stderr.strip().splitlines()[-1] == expected.format(raises=raises)
+  assert not (tmp_path / "run").exists()
+
+
 def test_multiprocess_job_needs_an_explicit_workdir(tmp_path):
   """Each host would default to its own runs/<timestamp>, and a rerun to a new one."""
   result = subprocess.run([sys.executable, "-m", "autospace_jax.main"], cwd=tmp_path,
@@ -374,6 +405,15 @@ def test_a_workdir_with_outputs_resumes_only_with_the_settings_that_fix_its_stat
       _override(presets.default(), {"model.layers_per_stage": (1, 1, 1, 1, 1, 2)}), workdir)
   config_validation.validate(presets.default(), workdir)  # the same run resumes
   config_validation.validate(_override(presets.default(), {"train.epochs": 20.0}), workdir)
+
+
+@pytest.mark.parametrize("text", ["garbage", "[1]"])
+def test_an_unreadable_config_record_beside_stage_outputs_is_an_error(tmp_path, text):
+  (tmp_path / "space").mkdir()
+  (tmp_path / "config.json").write_text(text)
+  assert _error(presets.default(), str(tmp_path)).startswith(
+      f"workdir={str(tmp_path)!r} holds stage outputs but its config.json, the settings "
+      "they were made with, is unreadable (")
 
 
 def test_a_stage_with_outputs_resumes_only_with_its_own_settings(tmp_path):
