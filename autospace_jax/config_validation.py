@@ -522,11 +522,12 @@ def _check_madds_cap(config: ml_collections.ConfigDict) -> None:
           "space.reference_stop_epoch=0")
 
 
-def check_data(config: ml_collections.ConfigDict) -> None:
-  """Raise `ConfigError` unless the data set can be read where ``data.data_dir`` points.
-  Imports TensorFlow for the TFDS data sets, so `main` runs it after `validate`."""
+def check_data(config: ml_collections.ConfigDict, download: bool = False) -> None:
+  """Raise `ConfigError` unless the data set can be read where ``data.data_dir`` points
+  (after downloading it, with ``download``, if TFDS can). Imports TensorFlow for the TFDS
+  data sets, so `main` runs it after `validate`."""
   try:
-    input_pipeline.check_prepared(config.data)
+    input_pipeline.check_prepared(config.data, download)
   except input_pipeline.DataUnavailable as error:
     raise ConfigError(str(error)) from None
 

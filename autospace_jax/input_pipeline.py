@@ -52,6 +52,7 @@ epoch that precede the resume point.
 
 import dataclasses
 import functools
+import logging
 import math
 from typing import Any, Iterator
 
@@ -70,6 +71,7 @@ _MEAN_STD = {
 }
 # TFDS split names of the full train and eval sets, and the held-out share of 'train'.
 _TFDS_SPLITS = {"cifar10": ("train", "test"), "imagenet2012": ("train", "validation")}
+_DOWNLOADABLE = ("cifar10",)  # TFDS fetches these itself; ImageNet's files come by hand
 _HOLDOUT_PERCENT = {"digits": 10, "cifar10": 10, "imagenet2012": 2}
 _DIGITS_EVAL_EXAMPLES = 360
 _DIGITS_PAD = 2
@@ -343,11 +345,28 @@ class DataUnavailable(ValueError):
   """The configured TFDS data set has no prepared copy under ``data.data_dir``."""
 
 
-def check_prepared(data_config: Any) -> None:
+def check_prepared(data_config: Any, download: bool = False) -> None:
   """Raise `DataUnavailable` unless the data set can be read (digits always can): a run
-  checks this before it starts rather than failing at its first batch."""
-  if data_config.name in _TFDS_SPLITS:
-    _prepared_builder(data_config)
+  checks this before it starts rather than failing at its first batch. With ``download``,
+  TFDS first downloads and prepares a data set it can fetch itself (CIFAR-10, ~160 MB)
+  that ``data.data_dir`` lacks; ImageNet needs its manual download (docs/imagenet.md)."""
+  if data_config.name not in _TFDS_SPLITS:
+    return
+  if download and data_config.name in _DOWNLOADABLE:
+    _tf()
+    import tensorflow_datasets as tfds
+    builder = tfds.builder(data_config.name, data_dir=data_config.get("data_dir") or None)
+    if not builder.is_prepared():
+      logging.info("downloading and preparing %s in %s", data_config.name, builder.data_path)
+      try:
+        builder.download_and_prepare()
+      except Exception as error:  # noqa: BLE001 -- network and disk errors alike
+        raise DataUnavailable(
+            f"data.name={data_config.name!r}: TFDS could not download it into "
+            f"{builder.data_path} ({type(error).__name__}: {error}); run `tfds build "
+            f"{data_config.name} --data_dir=DIR` where there is network, then point "
+            "data.data_dir at DIR") from error
+  _prepared_builder(data_config)
 
 
 def _prepared_builder(data_config: Any) -> Any:

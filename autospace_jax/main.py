@@ -199,7 +199,10 @@ def main(argv: Sequence[str]) -> None:
     config_validation.validate(config, workdir)
     if distributed.maybe_initialize():
       config_validation.check_devices(config)  # The global device count is known now.
-    config_validation.check_data(config)
+    if distributed.is_main_process():  # one host downloads CIFAR-10 if it must ...
+      config_validation.check_data(config, download=True)
+    distributed.sync_processes("data prepared")
+    config_validation.check_data(config)  # ... and every host then reads it
   except config_validation.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -47,6 +47,8 @@ dry_run=0
 extra=()
 
 while [[ $# -gt 0 ]]; do
+  # --option=value, as the main command's own flags are written, is --option value.
+  [[ $1 == --?*=* ]] && set -- "${1%%=*}" "${1#*=}" "${@:2}"
   case $1 in
     --workdir) need_value "$@"; workdir=$2; shift 2 ;;
     --data-dir) need_value "$@"; data_dir=$2; shift 2 ;;

@@ -73,6 +73,8 @@ need_value() {
 }
 
 while [[ $# -gt 0 ]]; do
+  # --option=value, as the main command's own flags are written, is --option value.
+  [[ $1 == --?*=* ]] && set -- "${1%%=*}" "${1#*=}" "${@:2}"
   case $1 in
     --name) need_value "$@"; name=$2; shift 2 ;;
     --zone) need_value "$@"; zone=$2; shift 2 ;;

@@ -334,19 +334,50 @@ def test_multiprocess_job_checks_batch_sizes_once_joined(tmp_path):
 
 def test_a_tfds_data_set_never_prepared_in_data_dir_is_refused_before_the_run(tmp_path):
   """One error line naming data.data_dir and where TFDS looked, not a traceback at the
-  first batch after the supernet was built."""
+  first batch after the supernet was built (ImageNet: TFDS cannot download it)."""
   empty = tmp_path / "tfds"
   empty.mkdir()
   result = subprocess.run(
-      [sys.executable, "-m", "autospace_jax.main", f"--config={ROOT / 'configs/cifar10.py'}",
+      [sys.executable, "-m", "autospace_jax.main", f"--config={ROOT / 'configs/imagenet.py'}",
        f"--workdir={tmp_path / 'run'}", f"--config.data.data_dir={empty}"],
       cwd=tmp_path, capture_output=True, text=True, timeout=120)
   assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
   errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
   assert len(errors) == 1, result.stderr[-3000:]
   assert errors[0].startswith(f"error: data.data_dir={str(empty)!r}: TFDS finds no prepared "
-                              f"cifar10 in {empty / 'cifar10'}")
+                              f"imagenet2012 in {empty / 'imagenet2012'}")
   assert not (tmp_path / "run" / "space").exists()
+
+
+def test_cifar10_is_downloaded_when_data_dir_lacks_it_and_imagenet_never_is(tmp_path,
+                                                                             monkeypatch):
+  """What TFDS can fetch itself (CIFAR-10) is fetched before the run; a failed download
+  is one error line saying how to prepare the data elsewhere. No network: TFDS's download
+  is replaced by a recorder."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  calls = []
+
+  def download_and_prepare(builder, *args, **kwargs):
+    calls.append(builder.name)
+    raise ConnectionError("no network here")
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", download_and_prepare)
+  for name in ("cifar10", "imagenet2012"):
+    config = _override(presets.default(), {"data.name": name,
+                                           "data.data_dir": str(tmp_path)})
+    with pytest.raises(ConfigError) as info:
+      config_validation.check_data(config, download=True)
+    if name == "cifar10":
+      assert str(info.value).startswith(
+          f"data.name='cifar10': TFDS could not download it into {tmp_path / 'cifar10'}")
+      assert "ConnectionError: no network here" in str(info.value)
+    else:
+      assert "TFDS finds no prepared imagenet2012" in str(info.value)
+  assert calls == ["cifar10"]
+  with pytest.raises(ConfigError, match="TFDS finds no prepared cifar10"):
+    config_validation.check_data(_override(presets.default(), {
+        "data.name": "cifar10", "data.data_dir": str(tmp_path)}))  # without download
+  assert calls == ["cifar10"]
 
 
 @pytest.mark.parametrize("args, expected", [

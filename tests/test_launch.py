@@ -81,8 +81,8 @@ def test_tpu_vm_dry_run_commands():
 
 
 def test_tpu_vm_skips_and_requires_a_bucket():
-  commands = _dry_run('tpu_vm.sh', '--skip-create', '--skip-install', '--workdir',
-                      'gs://b/run', '--data-dir', 'gs://b/tfds')
+  commands = _dry_run('tpu_vm.sh', '--skip-create', '--skip-install', '--workdir=gs://b/run',
+                      '--data-dir', 'gs://b/tfds')
   [start] = commands
   assert '--worker=all' in start and 'autospace_jax.main' in _option(start, '--command')
   result = subprocess.run(['bash', str(LAUNCH / 'tpu_vm.sh'), '--dry-run'],
@@ -90,9 +90,10 @@ def test_tpu_vm_skips_and_requires_a_bucket():
   assert result.returncode != 0 and '--bucket' in result.stderr
 
 
-def test_multi_gpu_dry_run_command():
-  [command] = _dry_run('multi_gpu.sh', '--workdir', '/tmp/run dir', '--gpus', '0,1',
-                       '--', '--config.x=1')
+@pytest.mark.parametrize('options', [('--workdir', '/tmp/run dir', '--gpus', '0,1'),
+                                     ('--workdir=/tmp/run dir', '--gpus=0,1')])
+def test_multi_gpu_dry_run_command(options):
+  [command] = _dry_run('multi_gpu.sh', *options, '--', '--config.x=1')
   assert 'CUDA_VISIBLE_DEVICES=0,1' in command
   assert 'AUTOSPACE_CLUSTER=none' in command
   start = command.index('-m') - 1
