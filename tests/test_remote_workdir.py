@@ -68,7 +68,7 @@ def test_every_output_of_a_gs_workdir_run_lands_in_the_bucket(bucket, tmp_path):
   assert 0.0 <= metrics["top1"] <= metrics["top5"] <= 1.0
   records = metrics_lib.read_jsonl(f"{WORKDIR}/{metrics_lib.JSONL_FILE}")
   assert "space" in {r["stage"] for r in records}
-  assert any((bucket / "tensorboard").glob("events.out.tfevents.*"))
+  assert any((bucket / "tensorboard" / "space").glob("events.out.tfevents.*"))
   assert (bucket / "report.md").is_file() and any((bucket / "figures").glob("*.png"))
   assert epath.Path(WORKDIR, "report.md").read_text() == (bucket / "report.md").read_text()
 
