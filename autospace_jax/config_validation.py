@@ -23,7 +23,8 @@ Rules that are choices of this module:
 - A local workdir that already holds stage outputs resumes that run, so `RESUME_FIELDS`
   (seed, data, skeleton) and the settings of each stage it holds must equal those in its
   config.json, and a given `train.net` the net its stage-3 directory trained.
-- Paths with a URL scheme (`gs://...`: workdir, train.net, search.space) are not probed.
+- A `gs://` workdir is read (config.json, which stages have outputs) through etils.epath
+  but not probed for writing; `gs://` train.net and search.space files are not read.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import os
 import tempfile
 from typing import Any, Iterable, Sequence
 
+from etils import epath
 import ml_collections
 
 from autospace_jax import evolution
@@ -79,15 +81,12 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None) -> N
   _check_train(config, stages)
   _check_batches_fit_splits(config, stages)
   workdir = workdir or _value(config, "workdir") or None
-  local_workdir = workdir is not None and not _is_remote(workdir)
-  if local_workdir:
-    _check_resumable(config, workdir)
-    _check_given_net(config, stages, workdir)
-    _check_learned_space(config, stages, workdir)
+  if workdir is not None:
+    _check_earlier_run(config, stages, workdir)
   if "space" in stages:
     _check_madds_cap(config)
   check_devices(config)
-  if local_workdir:
+  if workdir is not None and not _is_remote(workdir):
     _check_workdir(workdir)  # last: it creates the directory.
 
 
@@ -404,17 +403,33 @@ FREE_STAGE_FIELDS = {"search": ("compare_irb", "targets", "target_fractions"),
                      "train": ("net", "eval_every_epochs")}
 
 
+def _check_earlier_run(config: ml_collections.ConfigDict, stages: list[str],
+                       workdir: str) -> None:
+  """What workdir holds (read through epath, so gs:// too) must fit this run."""
+  try:
+    _check_resumable(config, workdir)
+    _check_given_net(config, stages, workdir)
+    _check_learned_space(config, stages, workdir)
+  except ConfigError:
+    raise
+  except Exception as error:  # noqa: BLE001 -- storage errors differ by backend
+    if not _is_remote(workdir):
+      raise
+    raise ConfigError(f"workdir={workdir!r} cannot be read ({type(error).__name__}: "
+                      f"{error}); check the bucket's name and this machine's access to it"
+                      ) from None
+
+
 def _check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
   """A work directory that holds an earlier run's outputs resumes that run: RESUME_FIELDS,
   and the fields of every stage whose directory it holds, must match its config.json (a
   changed one would resume the stage on other settings, or report its old results)."""
-  record = os.path.join(workdir, "config.json")
-  started = [stage for stage in STAGES if os.path.isdir(os.path.join(workdir, stage))]
-  if not os.path.isfile(record) or not started:
+  record = epath.Path(workdir) / "config.json"
+  started = [stage for stage in STAGES if (epath.Path(workdir) / stage).is_dir()]
+  if not record.is_file() or not started:
     return
   try:
-    with open(record) as f:
-      earlier = json.load(f)
+    earlier = json.loads(record.read_text())
     if not isinstance(earlier, dict):
       raise ValueError(f"a JSON {type(earlier).__name__}, not an object")
   except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError too
@@ -470,8 +485,8 @@ def _check_learned_space(config: ml_collections.ConfigDict, stages: list[str],
     return
   from autospace_jax import space_search  # noqa: PLC0415 -- heavy; needed only here.
 
-  path = os.path.join(workdir, "space", space_search.SPACE_CONFIG)
-  if not os.path.isfile(path):
+  path = epath.Path(workdir) / "space" / space_search.SPACE_CONFIG
+  if not path.is_file():
     raise ConfigError(f"search.space='learned' but stages={config.stages!r} does not run "
                       f"space and {path} does not exist; set --config.search.space=PATH "
                       "to a space file (or 'irb')")

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 
+from etils import epath
 import jax
 import pytest
 
@@ -218,9 +219,15 @@ def test_workdir_must_be_writable(tmp_path):
       f"workdir={str(blocker / 'run')!r} is not writable: ")
 
 
-def test_remote_workdir_is_not_probed():
-  config_validation.validate(_override(presets.default(), {"stages": "space"}),
-                             "gs://bucket/run")
+def test_an_unreadable_remote_workdir_is_one_error_line(monkeypatch):
+  """Bad bucket names and missing credentials surface before the run."""
+  def refuse(self):
+    raise PermissionError("403 Forbidden")
+
+  monkeypatch.setattr(type(epath.Path("gs://bucket/run")), "is_dir", refuse)
+  assert _error(_override(presets.default(), {"stages": "space"}), "gs://bucket/run") == (
+      "workdir='gs://bucket/run' cannot be read (PermissionError: 403 Forbidden); check "
+      "the bucket's name and this machine's access to it")
 
 
 def test_batch_sizes_split_over_devices(monkeypatch):

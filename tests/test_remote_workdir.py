@@ -11,6 +11,7 @@ from etils.epath import gpath
 from etils.epath import testing as epath_testing
 
 from autospace_jax import checkpointing
+from autospace_jax import config_validation
 from autospace_jax import main
 from autospace_jax import metrics as metrics_lib
 from conftest import short_schedule, tiny_config
@@ -74,3 +75,10 @@ def test_every_output_of_a_gs_workdir_run_lands_in_the_bucket(bucket, tmp_path):
 
   # A rerun reads every stage's outputs back from the bucket and trains nothing again.
   assert main.run_pipeline(config, WORKDIR) == summary
+
+  # Validation reads the bucket too: the run resumes only with its stages' settings.
+  config_validation.validate(config, WORKDIR)
+  config.search.epochs = 4 * config.search.epochs
+  with pytest.raises(config_validation.ConfigError, match=(
+      r"^search\.epochs=.* differs from .* of the run in workdir='gs://bucket/run'")):
+    config_validation.validate(config, WORKDIR)
