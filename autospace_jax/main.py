@@ -32,7 +32,6 @@ from autospace_jax import files
 from autospace_jax import presets
 
 
-
 def exit_with_error(message: str) -> NoReturn:
   """One `error:` line and exit status 2, as for every bad command line."""
   print(f"error: {' '.join(message.split())}", file=sys.stderr)
@@ -204,8 +203,7 @@ def main(argv: Sequence[str]) -> None:
     distributed.sync_processes("data prepared")
     config_validation.check_data(config)  # ... and every host then reads it
   except config_validation.ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    exit_with_error(str(e))
   logging.get_absl_handler().addFilter(_OrbaxInfoFilter())
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   if distributed.is_main_process():
