@@ -71,7 +71,7 @@ _MEAN_STD = {
 }
 # TFDS split names of the full train and eval sets, and the held-out share of 'train'.
 _TFDS_SPLITS = {"cifar10": ("train", "test"), "imagenet2012": ("train", "validation")}
-_DOWNLOADABLE = ("cifar10",)  # TFDS fetches these itself; ImageNet's files come by hand
+DOWNLOADABLE = ("cifar10",)  # TFDS fetches these itself; ImageNet's files come by hand
 _HOLDOUT_PERCENT = {"digits": 10, "cifar10": 10, "imagenet2012": 2}
 _DIGITS_EVAL_EXAMPLES = 360
 _DIGITS_PAD = 2
@@ -352,7 +352,7 @@ def check_prepared(data_config: Any, download: bool = False) -> None:
   that ``data.data_dir`` lacks; ImageNet needs its manual download (docs/imagenet.md)."""
   if data_config.name not in _TFDS_SPLITS:
     return
-  if download and data_config.name in _DOWNLOADABLE:
+  if download and data_config.name in DOWNLOADABLE:
     _tf()
     import tensorflow_datasets as tfds
     builder = tfds.builder(data_config.name, data_dir=data_config.get("data_dir") or None)

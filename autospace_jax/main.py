@@ -29,6 +29,7 @@ from ml_collections import config_flags
 from autospace_jax import config_validation
 from autospace_jax import distributed
 from autospace_jax import files
+from autospace_jax import input_pipeline
 from autospace_jax import presets
 
 
@@ -198,10 +199,11 @@ def main(argv: Sequence[str]) -> None:
     config_validation.validate(config, workdir)
     if distributed.maybe_initialize():
       config_validation.check_devices(config)  # The global device count is known now.
-    if distributed.is_main_process():  # one host downloads CIFAR-10 if it must ...
-      config_validation.check_data(config, download=True)
-    distributed.sync_processes("data prepared")
-    config_validation.check_data(config)  # ... and every host then reads it
+    if config.data.name in input_pipeline.DOWNLOADABLE:
+      if distributed.is_main_process():  # one host downloads CIFAR-10 if it must ...
+        config_validation.check_data(config, download=True)
+      distributed.sync_processes("data prepared")
+    config_validation.check_data(config)  # ... and every host checks it can read the data
   except config_validation.ConfigError as e:
     exit_with_error(str(e))
   logging.get_absl_handler().addFilter(_OrbaxInfoFilter())
