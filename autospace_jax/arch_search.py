@@ -320,7 +320,7 @@ class ArchSearch:
               "matrices": [None if op == netspec.ZERO else genome_lib.to_matrix(op)
                            for op in ops]}
     if jax.process_index() == 0:
-      netspec.save_net(net, os.path.join(self.workdir, NET_FILE))
+      netspec.save_net(net, os.path.join(self.workdir, netspec.NET_FILE))
       files.write_text(os.path.join(self.workdir, RESULT_FILE), json.dumps(result, indent=1))
     distributed.sync_processes("searched net written")  # stage 3 loads it on every host
     print(f"search {self.space_name} target {self.target.madds:,}: params={cost.params:,} "
@@ -328,7 +328,6 @@ class ArchSearch:
     return result
 
 
-NET_FILE = "net.json"
 RESULT_FILE = "result.json"
 
 

@@ -350,32 +350,27 @@ def check_prepared(data_config: Any, download: bool = False) -> None:
   checks this before it starts rather than failing at its first batch. With ``download``,
   TFDS first downloads and prepares a data set it can fetch itself (CIFAR-10, ~160 MB)
   that ``data.data_dir`` lacks; ImageNet needs its manual download (docs/imagenet.md)."""
-  if data_config.name not in _TFDS_SPLITS:
-    return
-  if download and data_config.name in DOWNLOADABLE:
-    _tf()
-    import tensorflow_datasets as tfds
-    builder = tfds.builder(data_config.name, data_dir=data_config.get("data_dir") or None)
-    if not builder.is_prepared():
-      logging.info("downloading and preparing %s in %s", data_config.name, builder.data_path)
-      try:
-        builder.download_and_prepare()
-      except Exception as error:  # noqa: BLE001 -- network and disk errors alike
-        raise DataUnavailable(
-            f"data.name={data_config.name!r}: TFDS could not download it into "
-            f"{builder.data_path} ({type(error).__name__}: {error}); run `tfds build "
-            f"{data_config.name} --data_dir=DIR` where there is network, then point "
-            "data.data_dir at DIR") from error
-  _prepared_builder(data_config)
+  if data_config.name in _TFDS_SPLITS:
+    _prepared_builder(data_config, download and data_config.name in DOWNLOADABLE)
 
 
-def _prepared_builder(data_config: Any) -> Any:
-  """The data set's TFDS builder, after opening its train split (lazily: no example is
-  read), which is what fails when the data set was never prepared there."""
+def _prepared_builder(data_config: Any, download: bool = False) -> Any:
+  """The data set's TFDS builder (downloaded and prepared first, with ``download``, if
+  it is not), after opening its train split (lazily: no example is read), which is what
+  fails when the data set was never prepared there."""
   _tf()
   import tensorflow_datasets as tfds
   name, data_dir = data_config.name, data_config.get("data_dir") or None
   builder = tfds.builder(name, data_dir=data_dir)
+  if download and not builder.is_prepared():
+    logging.info("downloading and preparing %s in %s", name, builder.data_path)
+    try:
+      builder.download_and_prepare()
+    except Exception as error:  # noqa: BLE001 -- network and disk errors alike
+      raise DataUnavailable(
+          f"data.name={name!r}: TFDS could not download it into {builder.data_path} "
+          f"({type(error).__name__}: {error}); run `tfds build {name} --data_dir=DIR` where "
+          "there is network, then point data.data_dir at DIR") from error
   try:
     builder.as_dataset(split=_TFDS_SPLITS[name][0])
   except (AssertionError, FileNotFoundError) as error:

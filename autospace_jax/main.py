@@ -30,6 +30,7 @@ from autospace_jax import config_validation
 from autospace_jax import distributed
 from autospace_jax import files
 from autospace_jax import input_pipeline
+from autospace_jax import netspec
 from autospace_jax import presets
 
 
@@ -158,7 +159,7 @@ def run_pipeline(config, workdir: str) -> dict:
                 writer, parallel, "train")
     for result in results:
       tag = arch_search.run_name(result["space"], result["target_madds"])
-      train.run(config, os.path.join(workdir, "search", tag, arch_search.NET_FILE),
+      train.run(config, os.path.join(workdir, "search", tag, netspec.NET_FILE),
                 os.path.join(workdir, "train", tag), writer, parallel, f"train {tag}")
   learned = [r for r in results if r["space"] == "learned"] or results
   if learned and not config.train.net:

@@ -269,6 +269,9 @@ def _write_json(d: dict[str, Any], path: str | os.PathLike) -> None:
   files.write_text(path, json.dumps(d, indent=4) + "\n")
 
 
+NET_FILE = "net.json"  # the net a search found, or a training directory trains
+
+
 def save_net(spec: NetSpec, path: str | os.PathLike) -> None:
   _write_json(net_to_json(spec), path)
 

@@ -5,10 +5,11 @@ sum of k^2 shifted, scaled slices. Every k x k convolution pads k // 2 on each s
 ProxylessNAS's PyTorch layers do (`padding=k // 2`): output pixel i is centred on input
 pixel i * stride, the pixel the strided identity `subsample` keeps, so a stride-2 conv
 edge and an identity edge of one cell stay aligned (TensorFlow's SAME pads (0, 1) for
-k = 3 on even sizes and would centre on i * stride + 1). On XLA:CPU this is several times faster than
-`lax.conv_general_dilated` with `feature_group_count=C` (whose weight gradient is slow,
-and far slower again inside a conditional); see benchmarks/. Set
-``AUTOSPACE_CONV=xla`` to use XLA's convolutions instead (the better choice on GPU/TPU).
+k = 3 on even sizes and would centre on i * stride + 1). On XLA:CPU the shifted slices
+are several times faster than `lax.conv_general_dilated` with `feature_group_count=C`
+(whose weight gradient is slow, and far slower again inside a conditional); see
+benchmarks/. Set ``AUTOSPACE_CONV=xla`` to use XLA's convolutions instead (the better
+choice on GPU/TPU).
 """
 
 from __future__ import annotations

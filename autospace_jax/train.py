@@ -32,7 +32,6 @@ from autospace_jax import supernet
 from autospace_jax.parallel import DataParallel
 
 METRICS_FILE = "metrics.json"
-NET_RECORD = "net.json"  # the net a stage-3 directory trains, as it was given
 GIVEN_NET_RUN = "net"  # the directory under train/ of the net `train.net` names
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -169,9 +168,9 @@ def load_net(config: ml_collections.ConfigDict, net_path: str) -> netspec.NetSpe
 def check_net_record(workdir: str, net: netspec.NetSpec) -> None:
   """Raise ValueError if ``workdir`` trained, or began training, another net than
   ``net``: its checkpoints and metrics belong to that one."""
-  record = epath.Path(workdir) / NET_RECORD
+  record = epath.Path(workdir) / netspec.NET_FILE
   if record.exists() and netspec.load_net(record) != net:
-    raise ValueError(f"{workdir} trained another net (its {NET_RECORD}); remove that "
+    raise ValueError(f"{workdir} trained another net (its {netspec.NET_FILE}); remove that "
                      "directory to train this one there, or use another --workdir")
 
 
@@ -184,7 +183,7 @@ def run(config: ml_collections.ConfigDict, net_path: str, workdir: str, writer: 
   path = epath.Path(workdir) / METRICS_FILE
   if path.exists():
     return json.loads(path.read_text())
-  record = epath.Path(workdir) / NET_RECORD
+  record = epath.Path(workdir) / netspec.NET_FILE
   if jax.process_index() == 0 and not record.exists():
     record.parent.mkdir(parents=True, exist_ok=True)
     netspec.save_net(net, record)

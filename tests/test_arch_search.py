@@ -53,7 +53,7 @@ def test_derived_net_lands_within_ten_percent_of_each_default_target(tmp_path, f
   os.makedirs(search.workdir)
   result = search.write_outputs(alpha)
   assert abs(result["madds_error"]) <= arch_search.MADDS_TOLERANCE
-  net = netspec.load_net(os.path.join(search.workdir, arch_search.NET_FILE))
+  net = netspec.load_net(os.path.join(search.workdir, netspec.NET_FILE))
   assert counting.net_cost(net).madds == result["madds"]  # the file is the reported net
 
 
@@ -61,7 +61,7 @@ def test_nets_from_the_irb_space_are_written_as_blocks_stock_proxylessnas_reads(
   search = irb_search(tmp_path, 1)
   os.makedirs(search.workdir)
   search.write_outputs(np.random.default_rng(0).normal(size=search.mask.shape))
-  with open(os.path.join(search.workdir, arch_search.NET_FILE)) as f:
+  with open(os.path.join(search.workdir, netspec.NET_FILE)) as f:
     blocks = json.load(f)["blocks"]
   names = {block["mobile_inverted_conv"]["name"] for block in blocks[1:]}
   assert names <= {"MBInvertedConvLayer", "ZeroLayer"} and "MBInvertedConvLayer" in names

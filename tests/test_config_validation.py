@@ -487,7 +487,7 @@ def test_a_given_net_resumes_only_in_the_directory_that_trains_it(tmp_path):
   config_validation.validate(config, str(workdir))
   net_dir = workdir / "train" / train.GIVEN_NET_RUN
   net_dir.mkdir(parents=True)
-  netspec.save_net(train.load_net(config, config.train.net), net_dir / train.NET_RECORD)
+  netspec.save_net(train.load_net(config, config.train.net), net_dir / netspec.NET_FILE)
   config_validation.validate(config, str(workdir))  # the same net resumes
   other = netspec.build_net([genome_lib.irb(5, 3)] * 6, 0.35, (1, 1, 1, 1, 1, 1), 10, 32)
   netspec.save_net(other, tmp_path / "other.json")

@@ -71,7 +71,7 @@ _HOST = textwrap.dedent('''
     config.search.compare_irb = False
     [searched] = arch_search.run(config, workdir, os.path.join(
         workdir, "space", "learned_space.config"), None, DataParallel())
-    [net_file] = (p for p in (os.path.join(workdir, "search", d, arch_search.NET_FILE)
+    [net_file] = (p for p in (os.path.join(workdir, "search", d, netspec.NET_FILE)
                               for d in os.listdir(os.path.join(workdir, "search")))
                   if os.path.exists(p))
     net = netspec.load_net(net_file)

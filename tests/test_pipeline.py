@@ -86,7 +86,7 @@ def test_imagenet_config_runs_each_stage_for_a_few_steps_on_mock_imagenet(tmp_pa
     assert metrics["steps"] == 3 and 0.0 <= metrics["top1"] <= metrics["top5"] <= 1.0
     # Stage 3 keeps the net it trained, and its directory refuses any other net (whose
     # metrics it would otherwise return as if they were this one's).
-    assert netspec.load_net(trained / train.NET_RECORD) == net
+    assert netspec.load_net(trained / netspec.NET_FILE) == net
     other = next(r for r in results if r != result).parent / "net.json"
     with pytest.raises(ValueError, match=f"{trained} trained another net"):
       train.run(config, str(other), str(trained))
