@@ -7,10 +7,11 @@ each one, a `Precompiler` compiles them ahead, in compile-only passes
 (`SupernetTrainer.compile_path`: the step's programs are lowered and compiled, none of
 them runs; only the batch's copy to the devices and a few local scalar and zeros
 computations do, none with a collective, so the passes are safe on any mesh and on every
-host), on worker threads: first one path through each of the current candidates, which
-the loop waits for; then (stage 1) a few paths that together make every program call a
-feasible cell of each layer can make, so the cells that mutation brings in later find
-their programs compiled. Used as a context manager, it drops unstarted passes on exit.
+host), on worker threads: first (stage 1) the first step's own path, then one path
+through each of the current candidates, which the loop waits for (each step only for the
+earliest pass over each of its cells); then (stage 1) a few paths that together make
+every program call a feasible cell of each layer can make, so the cells that mutation
+brings in later find their programs compiled. Used as a context manager, it drops unstarted passes on exit.
 """
 
 from __future__ import annotations
@@ -152,7 +153,11 @@ class Precompiler:
     with self._lock:
       missing = cells - self._compiled
       self._queued = [(c, f) for c, f in self._queued if not f.done()]
-      needed = [f for c, f in self._queued if c & missing]
+      needed = []
+      for queued_cells, future in self._queued:  # the earliest pass compiling each cell
+        if queued_cells & missing:
+          needed.append(future)
+          missing -= queued_cells
     if needed:
       start = time.perf_counter()
       concurrent.futures.wait(needed)

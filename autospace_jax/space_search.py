@@ -221,23 +221,29 @@ class SpaceSearch:
     return state
 
   def precompile(self, state: supernet.TrainState, run: SpaceRun, batch: dict) -> None:
-    """Queue the compiling of every current candidate (the first steps wait for these),
-    then of paths covering every program a feasible cell can call (so later cells find
-    theirs compiled)."""
-    self.precompiler.submit_candidates(state, batch, run.candidates(),
-                                       run.step >= self.warmup_steps)
+    """Queue the compiling of the first step's own path (it waits for that pass alone),
+    of every current candidate (the next steps wait for these), then of paths covering
+    every program a feasible cell can call (so later cells find theirs compiled)."""
+    evolving = run.step >= self.warmup_steps
+    self.precompiler.submit(state, batch, run.candidates(),
+                            self.step_path(state, run, evolving), evolving)
+    self.precompiler.submit_candidates(state, batch, run.candidates(), evolving)
     all_genomes = list(genome_lib.all_genomes(self.cfg.codes))
     self.precompiler.submit_covering(
         state, batch, [[g for g in all_genomes if self._feasible(layer, False)(g)]
                        for layer in range(len(self.shapes))], self.cfg.num_cells)
 
-  def train_step(self, state, run: SpaceRun, batch: dict, evolving: bool):
-    candidates = run.candidates()
+  def step_path(self, state, run: SpaceRun, evolving: bool) -> list[int]:
+    """The path the step at ``run.step`` samples (from α when evolving, else uniform)."""
     if evolving:
       probs = supernet.softmax_np(np.asarray(jax.device_get(state.alpha), np.float64))
     else:
-      probs = np.full((len(candidates), self.cfg.num_cells), 1.0 / self.cfg.num_cells)
-    path = supernet.sample_path(probs, self._rng("space_path", run.step))
+      probs = np.full((len(run.slots), self.cfg.num_cells), 1.0 / self.cfg.num_cells)
+    return supernet.sample_path(probs, self._rng("space_path", run.step))
+
+  def train_step(self, state, run: SpaceRun, batch: dict, evolving: bool):
+    candidates = run.candidates()
+    path = self.step_path(state, run, evolving)
     self.precompiler.wait_for(candidates, path, evolving)
     metrics, grads, alpha_grad, path_run = self.trainer.loss_and_grads(
         state, batch, candidates, path, train_alpha=evolving)

@@ -65,15 +65,33 @@ def stage1_stall(workdir: str) -> tuple[float, space_search.SpaceSearch, float]:
   # Rounds run at every f-th evolving step before the last one.
   rounds = (search.total_steps - search.warmup_steps - 1) // config.space.mutation_interval
   clock = CompileClock()
+
+  def blocked() -> float:
+    return clock.main_seconds + search.precompiler.seconds_waited
+
+  marks = {}  # (wall, blocked) when the first step and the first mutation round end
+
+  def marked(name, method):
+    def call(*args, **kwargs):
+      out = method(*args, **kwargs)
+      marks.setdefault(name, (time.perf_counter() - start, blocked()))
+      return out
+    return call
+
+  search.train_step = marked("step", search.train_step)
+  search.evolution_round = marked("round", search.evolution_round)
   start = time.perf_counter()
   search.run()
   wall = time.perf_counter() - start
-  blocked = clock.main_seconds + search.precompiler.seconds_waited
   print(f"stage 1: {search.total_steps} steps, {rounds} mutation rounds, {wall:.1f}s wall; "
-        f"training loop blocked {blocked:.1f}s (tracing/compiling {clock.main_seconds:.1f}s, "
+        f"training loop blocked {blocked():.1f}s (tracing/compiling {clock.main_seconds:.1f}s, "
         f"waiting for precompile threads {search.precompiler.seconds_waited:.1f}s); "
         f"precompile threads traced/compiled {clock.background_seconds:.1f}s")
-  return blocked / wall, search, wall
+  round_wall, round_blocked = marks["round"]
+  print(f"first step done at {marks['step'][0]:.1f}s ({marks['step'][1]:.1f}s blocked); "
+        f"from the first mutation round on: blocked {blocked() - round_blocked:.1f}s of "
+        f"{wall - round_wall:.1f}s ({(blocked() - round_blocked) / (wall - round_wall):.3f})")
+  return blocked() / wall, search, wall
 
 
 def time_steps(fn, repeats: int, blocks: int = 3) -> float:

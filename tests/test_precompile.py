@@ -164,6 +164,30 @@ def test_the_loop_waits_for_a_queued_pass_over_its_cells_and_not_for_others():
   precompiler.close()
 
 
+class PathGatedTrainer:
+  """Stands in for the trainer; each path's pass is held until its event is set."""
+
+  def __init__(self, *paths):
+    self.release = {path: threading.Event() for path in paths}
+
+  def compile_path(self, state, batch, candidates, path, train_alpha):
+    self.release[tuple(path)].wait(timeout=30)
+
+
+def test_the_loop_waits_only_for_the_earliest_pass_over_each_of_its_cells():
+  trainer = PathGatedTrainer((0, 1), (1, 1))
+  precompiler = precompile.Precompiler(trainer, threads=2)
+  precompiler.submit(None, None, CELLS, [0, 1], False)  # the first step's own path
+  precompiler.submit(None, None, CELLS, [1, 1], False)  # shares layer 1's cell with it
+  trainer.release[0, 1].set()
+  waiter = threading.Thread(target=precompiler.wait_for, args=(CELLS, [0, 1], False))
+  waiter.start()
+  waiter.join(timeout=10)
+  assert not waiter.is_alive()  # the later pass over layer 1's cell is still held open
+  trainer.release[1, 1].set()
+  precompiler.close()
+
+
 def test_a_failed_pass_is_logged_and_the_step_compiles_for_itself(caplog):
   trainer = BlockingTrainer(fail=True)
   trainer.release.set()
@@ -220,3 +244,16 @@ def test_stage_one_learns_the_same_space_with_and_without_precompile_threads(tmp
     space_search.SpaceSearch(config, str(workdir)).run()
     outputs.append(json.loads((workdir / "space" / space_search.SPACE_JSON).read_text()))
   assert outputs[0] == outputs[1]
+
+
+def test_stage_one_queues_the_first_steps_own_path_before_the_candidates(tmp_path):
+  search = space_search.SpaceSearch(tiny_config(), str(tmp_path))
+  trainer = RecordingTrainer()
+  search.precompiler = precompile.Precompiler(trainer, threads=1)
+  run = search.initial_run()
+  state = search.trainer.init(0, search.cfg.num_cells)
+  first_path = search.step_path(state, run, False)
+  search.precompile(state, run, None)
+  search.precompiler.wait_for(run.candidates(), first_path, False)
+  search.precompiler.close()
+  assert trainer.paths[0] == (first_path, False)
