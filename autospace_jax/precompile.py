@@ -11,7 +11,8 @@ host), on worker threads: first (stage 1) the first step's own path, then one pa
 through each of the current candidates, which the loop waits for (each step only for the
 earliest pass over each of its cells); then (stage 1) a few paths that together make
 every program call a feasible cell of each layer can make, so the cells that mutation
-brings in later find their programs compiled. Used as a context manager, it drops unstarted passes on exit.
+brings in later find their programs compiled. Used as a context manager, it drops
+unstarted passes on exit.
 """
 
 from __future__ import annotations
