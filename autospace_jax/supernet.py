@@ -107,9 +107,9 @@ def supernet_spec_from_net(net: netspec.NetSpec, conv_codes: Sequence[int]) -> S
 # --- Jitted ops ---------------------------------------------------------------------------
 
 # XLA:CPU options for the supernet's few hundred small programs, whose compiles the first
-# steps wait for: together they halve them at the same step time and the same numerics
-# (jax 0.10, the default's programs for one path through each of 5 candidates: 21.3 s ->
-# 10.7 s). They are used together or not at all: jax 0.12 lacks the first, and the second
+# steps wait for: together they halve them at the same step time and the same numerics up
+# to float rounding (jax 0.10, the default's programs for one path through each of 5
+# candidates: 21.3 s -> 10.7 s; stage 3's whole-net step: 4.4 -> 2.9 s). They are used together or not at all: jax 0.12 lacks the first, and the second
 # alone changed its results (one vs eight devices differed 5.7e-5 in the weights instead
 # of 4e-7). Other platforms keep XLA's defaults (there the device computes while the host
 # compiles).

@@ -6,7 +6,8 @@ x: share of the stage's wall time the training loop spent blocked on tracing, lo
    compiling: its own (jax.monitoring, main thread) plus its waits for the background
    precompile threads (`config.precompile_threads`), whose work overlaps training;
 y: supernet step time over the step time of a static single-path net (`cells.Net`, one
-   jitted program) running the same sampled cells on the same batches;
+   jitted program, compiled with the options stage 3 uses) running the same sampled cells
+   on the same batches;
 z: host ms per mutation round at P 1000, K 9, 21 layers (the ImageNet skeleton).
 
 Usage: python benchmarks/evolution_overhead.py [--workdir DIR] [--paths N]
@@ -136,7 +137,8 @@ def step_ratio(search: space_search.SpaceSearch, paths: int, repeats: int = 10) 
     tx = supernet.weight_optimizer(0.01, cfg.weight_decay, cfg.momentum)
     static_state = train.TrainState(np.int32(0), variables["params"], variables["batch_stats"],
                                     tx.init(variables["params"]))
-    step = jax.jit(functools.partial(train.train_step, net, tx, cfg.label_smoothing))
+    step = jax.jit(functools.partial(train.train_step, net, tx, cfg.label_smoothing),
+                   compiler_options=supernet.compile_options(jax.default_backend()) or None)
     device_batch = jax.device_put(batch)
 
     def static_step():
