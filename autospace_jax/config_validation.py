@@ -398,7 +398,7 @@ RESUME_FIELDS = ("seed", "data.name", "data.image_size", "model.width_multiplier
                  "model.layers_per_stage")
 # Fields of a stage's section that its outputs and checkpoints do not depend on: they pick
 # which searches run (each writes a directory of its own) or how often stage 3 evaluates;
-# `train.net` is checked against the copy its directory keeps (`train.NET_RECORD`).
+# `train.net` is checked against the copy its directory keeps (`netspec.NET_FILE`).
 FREE_STAGE_FIELDS = {"search": ("compare_irb", "targets", "target_fractions"),
                      "train": ("net", "eval_every_epochs")}
 

@@ -109,10 +109,10 @@ def supernet_spec_from_net(net: netspec.NetSpec, conv_codes: Sequence[int]) -> S
 # XLA:CPU options for the supernet's few hundred small programs, whose compiles the first
 # steps wait for: together they halve them at the same step time and the same numerics up
 # to float rounding (jax 0.10, the default's programs for one path through each of 5
-# candidates: 21.3 s -> 10.7 s; stage 3's whole-net step: 4.4 -> 2.9 s). They are used together or not at all: jax 0.12 lacks the first, and the second
-# alone changed its results (one vs eight devices differed 5.7e-5 in the weights instead
-# of 4e-7). Other platforms keep XLA's defaults (there the device computes while the host
-# compiles).
+# candidates: 21.3 s -> 10.7 s; stage 3's whole-net step: 4.4 -> 2.9 s). They are used
+# together or not at all: jax 0.12 lacks the first, and the second alone changed its
+# results (one vs eight devices differed 5.7e-5 in the weights instead of 4e-7). Other
+# platforms keep XLA's defaults (there the device computes while the host compiles).
 CPU_COMPILE_OPTIONS = {"xla_cpu_use_fusion_emitters": False,
                        "xla_backend_optimization_level": 1}
 
@@ -132,7 +132,7 @@ def compile_options(platform: str) -> dict[str, Any]:
   return dict(CPU_COMPILE_OPTIONS)
 
 
-class _PlatformJit:
+class PlatformJit:
   """``jax.jit(fun, **kwargs)`` compiled with `compile_options` of the default backend,
   chosen at the first call or lowering (import time is too early to ask for a backend)."""
 
@@ -184,7 +184,7 @@ def _built_once(factory: Callable) -> Callable:
 @_built_once
 def _jitted_op(module_class: type, frozen_kwargs: tuple) -> Callable:
   """One jitted forward per op kind (no gradients); jit's cache keys it by shapes."""
-  return _PlatformJit(_module_apply(module_class(**dict(frozen_kwargs))))
+  return PlatformJit(_module_apply(module_class(**dict(frozen_kwargs))))
 
 
 @_built_once
@@ -196,7 +196,7 @@ def _jitted_op_vjp(module_class: type, frozen_kwargs: tuple, wrt_inputs: bool) -
   """
   apply = _module_apply(module_class(**dict(frozen_kwargs)))
 
-  @_PlatformJit
+  @PlatformJit
   def forward(params, batch_stats, *inputs):
     differentiated, constant = (inputs, ()) if wrt_inputs else ((), inputs)
     return jax.vjp(lambda p, *x: apply(p, batch_stats, *x, *constant), params,
@@ -205,7 +205,7 @@ def _jitted_op_vjp(module_class: type, frozen_kwargs: tuple, wrt_inputs: bool) -
   return forward
 
 
-_backward = _PlatformJit(lambda vjp, cotangent: vjp(cotangent))
+_backward = PlatformJit(lambda vjp, cotangent: vjp(cotangent))
 
 
 def _op_kwargs(module_class: type, kwargs: dict, bn: dict) -> tuple:
@@ -448,10 +448,10 @@ def _compile_once(program: Callable, args: tuple, static: dict) -> Any:
 
 
 # Sums cotangents that reach one source from several consumers (arrays or param trees).
-_accumulate = _PlatformJit(lambda a, b: jax.tree.map(jnp.add, a, b))
+_accumulate = PlatformJit(lambda a, b: jax.tree.map(jnp.add, a, b))
 
 
-@functools.partial(_PlatformJit, static_argnames="stride")
+@functools.partial(PlatformJit, static_argnames="stride")
 def _subsample_vjp(x: jax.Array, stride: int) -> tuple[jax.Array, Any]:
   return jax.vjp(lambda v: ops.subsample(v, stride), x)
 
@@ -487,10 +487,10 @@ def _cell_forward(shape: LayerShape, op: Op, slot: int, x: jax.Array, params: di
 
 
 # Glue between ops: each is one cached program call.
-_jitted_add = _PlatformJit(cells.add_all)
+_jitted_add = PlatformJit(cells.add_all)
 
 
-@functools.partial(_PlatformJit, static_argnames="estimator")
+@functools.partial(PlatformJit, static_argnames="estimator")
 def _gate_vjp(y: jax.Array, alpha: jax.Array, mask: jax.Array | None, layer: int,
               choice: int, others: tuple[jax.Array, ...], estimator: str
               ) -> tuple[jax.Array, Any]:
@@ -576,7 +576,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float) 
   return optax.softmax_cross_entropy(logits, targets).mean()
 
 
-_cross_entropy_and_grad = _PlatformJit(jax.value_and_grad(cross_entropy),
+_cross_entropy_and_grad = PlatformJit(jax.value_and_grad(cross_entropy),
                                   static_argnames="label_smoothing")
 
 
@@ -651,7 +651,7 @@ def _jitted_entry_update(weight_decay: float, momentum: float) -> Callable:
   these settings, so its programs compile once per entry shape per process."""
   tx = weight_optimizer(1.0, weight_decay, momentum)
 
-  @_PlatformJit
+  @PlatformJit
   def update(params, opt_state, grads, learning_rate):
     unit_updates, opt_state = tx.update(grads, opt_state, params)
     return jax.tree.map(lambda p, u: p + learning_rate * u, params, unit_updates), opt_state
@@ -692,7 +692,7 @@ class SupernetTrainer:
     self.estimator = estimator
     self.parallel = parallel
     self.alpha_mask = alpha_mask
-    self._alpha_update = _PlatformJit(self._apply_alpha)
+    self._alpha_update = PlatformJit(self._apply_alpha)
 
   def init(self, seed: int, num_candidates: int) -> TrainState:
     variables = init_variables(self.spec, seed)

@@ -137,8 +137,8 @@ def step_ratio(search: space_search.SpaceSearch, paths: int, repeats: int = 10) 
     tx = supernet.weight_optimizer(0.01, cfg.weight_decay, cfg.momentum)
     static_state = train.TrainState(np.int32(0), variables["params"], variables["batch_stats"],
                                     tx.init(variables["params"]))
-    step = jax.jit(functools.partial(train.train_step, net, tx, cfg.label_smoothing),
-                   compiler_options=supernet.compile_options(jax.default_backend()) or None)
+    step = supernet.PlatformJit(functools.partial(train.train_step, net, tx,
+                                                  cfg.label_smoothing))
     device_batch = jax.device_put(batch)
 
     def static_step():
