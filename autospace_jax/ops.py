@@ -8,13 +8,17 @@ edge and an identity edge of one cell stay aligned (TensorFlow's SAME pads (0, 1
 k = 3 on even sizes and would centre on i * stride + 1). On XLA:CPU the shifted slices
 are several times faster than `lax.conv_general_dilated` with `feature_group_count=C`
 (whose weight gradient is slow, and far slower again inside a conditional); see
-benchmarks/. Set ``AUTOSPACE_CONV=xla`` to use XLA's convolutions instead (the better
-choice on GPU/TPU).
+benchmarks/. Their gradient is written by hand: differentiated automatically, every
+tap's slice became a saved residual and a kernel of its own, which made the ops' programs
+the slowest of the supernet's to compile. Set ``AUTOSPACE_CONV=xla`` to use XLA's
+convolutions instead (the better choice on GPU/TPU).
 """
 
 from __future__ import annotations
 
+import functools
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,22 +47,73 @@ def _centred_padding(kernel_size: int) -> list[tuple[int, int]]:
 def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
   """Depthwise k x k convolution, k // 2 padding, of NHWC ``x`` with a (k, k, C) kernel."""
   kernel = kernel.astype(x.dtype)
-  k = kernel.shape[0]
   if _use_xla_conv():
     return lax.conv_general_dilated(
-        x, kernel[:, :, None, :], (stride, stride), _centred_padding(k),
+        x, kernel[:, :, None, :], (stride, stride), _centred_padding(kernel.shape[0]),
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
-  _, h, w, _ = x.shape
-  xp = jnp.pad(x, ((0, 0), *_centred_padding(k), (0, 0)))
-  out_h, out_w = -(-h // stride), -(-w // stride)
+  return _depthwise_taps(x, kernel, stride)
+
+
+def _taps(padded: jax.Array, kernel: jax.Array, stride: int, out_h: int, out_w: int
+          ) -> jax.Array:
+  """sum over (i, j) of kernel[i, j] times ``padded`` shifted by (i, j), strided: one fused
+  loop over the output."""
+  k = kernel.shape[0]
   out = None
   for i in range(k):
     for j in range(k):
-      tap = lax.slice(xp, (0, i, j, 0),
-                      (x.shape[0], i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1,
-                       x.shape[3]), (1, stride, stride, 1)) * kernel[i, j]
+      tap = _window(padded, i, j, stride, out_h, out_w) * kernel[i, j]
       out = tap if out is None else out + tap
   return out
+
+
+def _window(padded: jax.Array, i: Any, j: Any, stride: int, out_h: int, out_w: int
+            ) -> jax.Array:
+  """The pixels tap (i, j) reads for each output pixel; (i, j) may be traced."""
+  b, _, _, c = padded.shape
+  window = lax.dynamic_slice(padded, (0, i, j, 0),
+                             (b, (out_h - 1) * stride + 1, (out_w - 1) * stride + 1, c))
+  return window[:, ::stride, ::stride, :]
+
+
+def _pad_centred(x: jax.Array, k: int) -> jax.Array:
+  return jnp.pad(x, ((0, 0), *_centred_padding(k), (0, 0)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _depthwise_taps(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  _, h, w, _ = x.shape
+  return _taps(_pad_centred(x, kernel.shape[0]), kernel, stride, -(-h // stride),
+               -(-w // stride))
+
+
+def _depthwise_taps_fwd(x, kernel, stride):
+  return _depthwise_taps(x, kernel, stride), (x, kernel)
+
+
+def _depthwise_taps_bwd(stride, residuals, cotangent):
+  """The input's cotangent correlates the stride-dilated cotangent with the flipped kernel
+  (one fused loop); the kernel's, one tap at a time in a loop (one small program body
+  instead of k^2 reductions), accumulated in float32."""
+  x, kernel = residuals
+  k, pad = kernel.shape[0], kernel.shape[0] // 2
+  _, h, w, _ = x.shape
+  out_h, out_w = cotangent.shape[1:3]
+  dilated = lax.pad(cotangent, jnp.zeros((), cotangent.dtype),
+                    ((0, 0, 0), (pad, pad + h - (out_h - 1) * stride - 1, stride - 1),
+                     (pad, pad + w - (out_w - 1) * stride - 1, stride - 1), (0, 0, 0)))
+  x_cotangent = _taps(dilated, kernel[::-1, ::-1], 1, h, w)
+  padded = _pad_centred(x, k)
+
+  def tap_cotangent(tap):
+    window = _window(padded, tap // k, tap % k, stride, out_h, out_w)
+    return jnp.sum(window * cotangent, axis=(0, 1, 2), dtype=jnp.float32)
+
+  kernel_cotangent = lax.map(tap_cotangent, jnp.arange(k * k)).reshape(kernel.shape)
+  return x_cotangent, kernel_cotangent.astype(kernel.dtype)
+
+
+_depthwise_taps.defvjp(_depthwise_taps_fwd, _depthwise_taps_bwd)
 
 
 def subsample(x: jax.Array, stride: int) -> jax.Array:
