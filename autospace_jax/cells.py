@@ -25,6 +25,33 @@ Array = jax.Array
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
+class BatchNorm(nn.Module):
+  """Flax's BatchNorm (same variables, statistics and running averages) fused with an
+  optional ReLU6, its training-mode gradient written by hand (`ops.batch_norm_train`)."""
+
+  momentum: float = 0.9
+  epsilon: float = 1e-3
+  relu6: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool) -> Array:
+    channels = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (channels,))
+    bias = self.param("bias", nn.initializers.zeros, (channels,))
+    mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,), jnp.float32)
+    variance = self.variable("batch_stats", "var", jnp.ones, (channels,), jnp.float32)
+    if not train:
+      return ops.batch_norm_inference(x, mean.value, variance.value, scale, bias,
+                                      self.epsilon, self.relu6).astype(self.dtype)
+    y, batch_mean, batch_variance = ops.batch_norm_train(x, scale, bias, self.epsilon,
+                                                         self.relu6)
+    if not self.is_initializing():
+      mean.value = self.momentum * mean.value + (1.0 - self.momentum) * batch_mean
+      variance.value = self.momentum * variance.value + (1.0 - self.momentum) * batch_variance
+    return y.astype(self.dtype)
+
+
 class BNConfig(nn.Module):
   """Mixin fields shared by every module that owns a BatchNorm."""
 
@@ -32,9 +59,9 @@ class BNConfig(nn.Module):
   bn_epsilon: float = 1e-3
   dtype: Any = jnp.float32
 
-  def batch_norm(self, x: Array, train: bool, name: str = "bn") -> Array:
-    return nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                        epsilon=self.bn_epsilon, dtype=self.dtype, name=name)(x)
+  def batch_norm(self, x: Array, train: bool, relu6: bool, name: str = "bn") -> Array:
+    return BatchNorm(momentum=self.bn_momentum, epsilon=self.bn_epsilon, relu6=relu6,
+                     dtype=self.dtype, name=name)(x, train)
 
 
 class ConvBN(BNConfig):
@@ -49,8 +76,8 @@ class ConvBN(BNConfig):
   def __call__(self, x: Array, train: bool = True) -> Array:
     k = self.param("kernel", conv_init, (self.kernel_size, self.kernel_size, x.shape[-1],
                                          self.features))
-    y = self.batch_norm(ops.conv2d(x.astype(self.dtype), k, self.stride), train)
-    return jax.nn.relu6(y) if self.activation else y
+    return self.batch_norm(ops.conv2d(x.astype(self.dtype), k, self.stride), train,
+                           relu6=self.activation)
 
 
 class Expand(BNConfig):
@@ -61,7 +88,7 @@ class Expand(BNConfig):
   @nn.compact
   def __call__(self, x: Array, train: bool = True) -> Array:
     k = self.param("kernel", conv_init, (x.shape[-1], self.features))
-    return jax.nn.relu6(self.batch_norm(ops.pointwise_conv(x.astype(self.dtype), k), train))
+    return self.batch_norm(ops.pointwise_conv(x.astype(self.dtype), k), train, relu6=True)
 
 
 class DepthwiseBN(BNConfig):
@@ -74,7 +101,7 @@ class DepthwiseBN(BNConfig):
   def __call__(self, x: Array, train: bool = True) -> Array:
     k = self.param("kernel", conv_init, (self.kernel_size, self.kernel_size, x.shape[-1]))
     y = ops.depthwise_conv(x.astype(self.dtype), k, self.stride)
-    return jax.nn.relu6(self.batch_norm(y, train))
+    return self.batch_norm(y, train, relu6=True)
 
 
 class ChannelAttention(nn.Module):
@@ -116,7 +143,7 @@ class Project(BNConfig):
   @nn.compact
   def __call__(self, x: Array, train: bool = True) -> Array:
     k = self.param("kernel", conv_init, (x.shape[-1], self.features))
-    return self.batch_norm(ops.pointwise_conv(x.astype(self.dtype), k), train)
+    return self.batch_norm(ops.pointwise_conv(x.astype(self.dtype), k), train, relu6=False)
 
 
 # apply_op(name, module_class, module_kwargs, *inputs) -> output

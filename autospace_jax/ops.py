@@ -1,4 +1,4 @@
-"""Convolution primitives shared by the static cells and the supernet.
+"""Convolution and batch-norm primitives shared by the static cells and the supernet.
 
 1x1 convolutions are written as matrix products and depthwise k x k convolutions as a
 sum of k^2 shifted, scaled slices. Every k x k convolution pads k // 2 on each side, as
@@ -12,6 +12,10 @@ benchmarks/. Their gradient is written by hand: differentiated automatically, ev
 tap's slice became a saved residual and a kernel of its own, which made the ops' programs
 the slowest of the supernet's to compile. Set ``AUTOSPACE_CONV=xla`` to use XLA's
 convolutions instead (the better choice on GPU/TPU).
+
+Training-mode batch norm and its ReLU6 are one function with a hand-written gradient
+too: autodiff through Flax's BatchNorm made ~14 small kernels in each op's forward
+program and as many in its backward, each compiled and launched on its own.
 """
 
 from __future__ import annotations
@@ -127,3 +131,62 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
   return lax.conv_general_dilated(
       x, kernel.astype(x.dtype), (stride, stride), _centred_padding(kernel.shape[0]),
       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def batch_norm_inference(x: jax.Array, mean: jax.Array, variance: jax.Array,
+                         scale: jax.Array, bias: jax.Array, epsilon: float, relu6: bool
+                         ) -> jax.Array:
+  """Batch norm with given (running) statistics, then ReLU6 if ``relu6``."""
+  y = _scale_shift(x.astype(jnp.float32), mean, lax.rsqrt(variance + epsilon), scale, bias)
+  return _activation(y, relu6).astype(x.dtype)
+
+
+def _scale_shift(xf, mean, inverse, scale, bias):
+  return (xf - mean) * (inverse * scale) + bias
+
+
+def _activation(y, relu6):
+  return jnp.clip(y, 0.0, 6.0) if relu6 else y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float,
+                     relu6: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Batch norm over all but the last axis with the batch's statistics, then ReLU6 if
+  ``relu6``: ``(y, mean, variance)``. Statistics are float32 (variance E[x^2] - E[x]^2,
+  as Flax's BatchNorm computes it); ``y`` has ``x``'s dtype. The returned mean and
+  variance feed running averages only and are not differentiated."""
+  return _batch_norm_train_fwd(x, scale, bias, epsilon, relu6)[0]
+
+
+def _batch_norm_train_fwd(x, scale, bias, epsilon, relu6):
+  axes = tuple(range(x.ndim - 1))
+  xf = x.astype(jnp.float32)
+  mean = jnp.mean(xf, axes)
+  variance = jnp.maximum(jnp.mean(xf * xf, axes) - mean * mean, 0.0)
+  inverse = lax.rsqrt(variance + epsilon)
+  y = _activation(_scale_shift(xf, mean, inverse, scale, bias), relu6)
+  return (y.astype(x.dtype), mean, variance), (x, mean, inverse, scale, bias)
+
+
+def _batch_norm_train_bwd(epsilon, relu6, residuals, cotangents):
+  """The usual batch-norm gradient, with ReLU6's mask recomputed from the residuals."""
+  del epsilon
+  x, mean, inverse, scale, bias = residuals
+  y_cotangent = cotangents[0].astype(jnp.float32)
+  axes = tuple(range(x.ndim - 1))
+  xf = x.astype(jnp.float32)
+  if relu6:  # jax.nn.relu6's gradient: 1 strictly inside (0, 6)
+    y = _scale_shift(xf, mean, inverse, scale, bias)
+    y_cotangent = jnp.where((y > 0.0) & (y < 6.0), y_cotangent, 0.0)
+  normalized = (xf - mean) * inverse
+  bias_cotangent = jnp.sum(y_cotangent, axes)
+  scale_cotangent = jnp.sum(y_cotangent * normalized, axes)
+  count = xf.size // xf.shape[-1]
+  x_cotangent = (scale * inverse) * (
+      y_cotangent - (bias_cotangent + normalized * scale_cotangent) / count)
+  return (x_cotangent.astype(x.dtype), scale_cotangent.astype(scale.dtype),
+          bias_cotangent.astype(bias.dtype))
+
+
+batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)

@@ -1,5 +1,6 @@
 """Flax nets built from net descriptions: exactly the analytic parameters, runnable."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,3 +90,41 @@ def test_host_initialisation_draws_what_flax_init_draws(module, inputs):
     else:  # same distribution: scale within sampling error, same truncation
       np.testing.assert_allclose(host.std(), ref.std(), rtol=0.1, err_msg=str(path))
       assert np.abs(host).max() <= 1.2 * np.abs(ref).max() + 1e-6, path
+
+
+@pytest.mark.parametrize("relu6", (False, True))
+def test_batch_norm_computes_what_flax_batch_norm_and_relu6_compute(relu6):
+  """Same variables, outputs, running averages and gradients as `flax.linen.BatchNorm`
+  (then `jax.nn.relu6`), in training and in evaluation, so checkpoints and results carry
+  over."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(8, 5, 5, 6)) * 3 + 1, jnp.float32)
+  cotangent = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+  ours = cells.BatchNorm(momentum=0.9, epsilon=1e-3, relu6=relu6)
+  flax_bn = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-3)
+  assert (jax.tree.map(jnp.shape, ours.init(jax.random.PRNGKey(0), x, train=True)) ==
+          jax.tree.map(jnp.shape, flax_bn.init(jax.random.PRNGKey(0), x)))
+  params = {"scale": jnp.asarray(rng.normal(size=6), jnp.float32),
+            "bias": jnp.asarray(rng.normal(size=6), jnp.float32)}
+  stats = {"mean": jnp.asarray(rng.normal(size=6), jnp.float32),
+           "var": jnp.asarray(rng.uniform(1, 2, size=6), jnp.float32)}
+  activation = jax.nn.relu6 if relu6 else (lambda y: y)
+
+  def ours_loss(params, x):
+    y, new = ours.apply({"params": params, "batch_stats": stats}, x, train=True,
+                        mutable=["batch_stats"])
+    return jnp.sum(y * cotangent), new
+
+  def flax_loss(params, x):
+    y, new = flax_bn.apply({"params": params, "batch_stats": stats}, x,
+                           mutable=["batch_stats"])
+    return jnp.sum(activation(y) * cotangent), new
+
+  got = jax.value_and_grad(ours_loss, (0, 1), has_aux=True)(params, x)
+  want = jax.value_and_grad(flax_loss, (0, 1), has_aux=True)(params, x)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      ours.apply({"params": params, "batch_stats": stats}, x, train=False),
+      activation(flax_bn.clone(use_running_average=True).apply(
+          {"params": params, "batch_stats": stats}, x)), rtol=1e-6, atol=1e-6)

@@ -59,18 +59,23 @@ _COMPARE = textwrap.dedent('''
       return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
                  for x, y in leaves)
 
+    def relative_diff(a, b):
+      """|a - b| / |a| over the whole tree (Euclidean norms)."""
+      pairs = [(np.asarray(x, np.float64), np.asarray(y, np.float64))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+      return float(np.sqrt(sum(np.sum((x - y) ** 2) for x, y in pairs) /
+                           sum(np.sum(x ** 2) for x, _ in pairs)))
+
     initial = jax.device_get(supernet.init_variables(spec, 0))
     one_losses, one_shards, one = train(jax.devices()[:1])
     all_losses, all_shards, many = train(jax.devices())
     print(json.dumps({
         "num_devices": len(jax.devices()),
         "losses": [one_losses, all_losses], "shards": [one_shards, all_shards],
-        "diff": {"params": max_diff(one.params, many.params),
+        "diff": {"params": relative_diff(one.params, many.params),
                  "batch_stats": max_diff(one.batch_stats, many.batch_stats),
-                 "momentum": max_diff(one.opt_state, many.opt_state),
+                 "momentum": relative_diff(one.opt_state, many.opt_state),
                  "alpha": max_diff(one.alpha, many.alpha)},
-        "momentum_scale": max(float(np.max(np.abs(x)))
-                              for x in jax.tree.leaves(one.opt_state)),
         "change": {"params": max_diff(initial["params"], one.params),
                    "batch_stats": max_diff(initial["batch_stats"], one.batch_stats),
                    "alpha": float(np.max(np.abs(one.alpha)))},
@@ -101,14 +106,19 @@ def test_eight_devices_give_the_same_loss_weights_bn_stats_and_alpha_as_one():
   assert out["shards"][1] == [[8, 8, [2, 32, 32, 3]]] * 2
   # The step did something, so equality below is not equality of untouched state.
   assert all(change > 1e-3 for change in out["change"].values()), out["change"]
-  # Only float32 summation order differs (8 partial sums, then an all-reduce). Measured
-  # max |difference|: loss 1e-7 relative; params 3.6e-7 and BN statistics 9.5e-7 (values
-  # of order 1); momentum 1.7e-5 on values up to 3.4 (5e-6 relative: gradients pass
-  # through every BN); α 4e-8. The tolerances leave 10x (BN statistics) to 100x (loss).
+  # Only float32 summation order differs (8 partial sums, then an all-reduce). Loss, BN
+  # statistics and α are compared element by element: measured max |difference| 1e-7
+  # relative (loss), 8.3e-7 (statistics of order 1), 2.6e-8 (α). Weights and momentum are
+  # compared as whole trees (|one - many| / |one|): a ReLU6 input within rounding of 0 or
+  # 6 may land on the other side, which moves its channel's gradient by that pixel's
+  # cotangent (measured once: one unit of 98k, 1% of one channel's bias gradient; tree-wide
+  # 1.0e-3 for the momentum, which is the summed gradients here, and 4.5e-6 for the
+  # weights). A replica that normalised or averaged over its own shard only would be off by
+  # whole percents.
   one, many = out["losses"]
   for a, b in zip(one, many):
     assert abs(a - b) <= 1e-5 * abs(a), (one, many)
   diff = out["diff"]
-  assert diff["params"] <= 1e-5 and diff["batch_stats"] <= 1e-5, diff
-  assert diff["momentum"] <= 1e-4 * out["momentum_scale"], (diff, out["momentum_scale"])
+  assert diff["batch_stats"] <= 1e-5, diff
+  assert diff["params"] <= 1e-4 and diff["momentum"] <= 1e-2, diff
   assert diff["alpha"] <= 1e-6, diff
