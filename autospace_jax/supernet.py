@@ -577,7 +577,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float) 
 
 
 _cross_entropy_and_grad = PlatformJit(jax.value_and_grad(cross_entropy),
-                                  static_argnames="label_smoothing")
+                                      static_argnames="label_smoothing")
 
 
 @jax.jit
