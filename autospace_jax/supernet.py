@@ -187,25 +187,63 @@ def _jitted_op(module_class: type, frozen_kwargs: tuple) -> Callable:
   return PlatformJit(_module_apply(module_class(**dict(frozen_kwargs))))
 
 
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class _Forwarded:
+  """Stands, in the VJP a forward program returns, for a residual that is the program's
+  ``index``-th argument leaf (an op's input or weights). jit copies every output, so
+  returning such residuals would copy each activation once more per op; the backward
+  program takes the forward's arguments instead (`Pullback`)."""
+
+  index: int
+
+
+def _forwarding_inputs(fun: Callable) -> Callable:
+  """``fun(*args) -> (out, vjp, *aux)``, with the VJP's residuals that are leaves of
+  ``args`` replaced by `_Forwarded` (tracers are told apart by identity)."""
+  @functools.wraps(fun)
+  def forward(*args, **static):
+    out, vjp, *aux = fun(*args, **static)
+    index = {id(leaf): i for i, leaf in enumerate(jax.tree.leaves(args))}
+    vjp = jax.tree.map(lambda r: _Forwarded(index[id(r)]) if id(r) in index else r, vjp)
+    return (out, vjp, *aux)
+  return forward
+
+
+@dataclasses.dataclass(frozen=True)
+class Pullback:
+  """A taped VJP: its residuals, and the leaves of the arguments of the forward program
+  that made them, which the `_Forwarded` residuals refer to."""
+
+  residuals: Any
+  arguments: tuple
+
+
+@PlatformJit
+def _backward(residuals: Any, arguments: tuple, cotangent: Any) -> Any:
+  vjp = jax.tree.map(lambda r: arguments[r.index] if isinstance(r, _Forwarded) else r,
+                     residuals, is_leaf=lambda r: isinstance(r, _Forwarded))
+  return vjp(cotangent)
+
+
 @_built_once
 def _jitted_op_vjp(module_class: type, frozen_kwargs: tuple, wrt_inputs: bool) -> Callable:
   """The op's forward that also returns its VJP: ``(out, vjp, new_stats)``.
 
-  The VJP is a pytree of residuals; `_backward` applies it to the output's cotangent
-  and returns cotangents for the params (and the inputs, if ``wrt_inputs``).
+  The VJP is a pytree of residuals (`_forwarding_inputs`); `_backward` applies it to the
+  output's cotangent and returns cotangents for the params (and the inputs, if
+  ``wrt_inputs``).
   """
   apply = _module_apply(module_class(**dict(frozen_kwargs)))
 
   @PlatformJit
+  @_forwarding_inputs
   def forward(params, batch_stats, *inputs):
     differentiated, constant = (inputs, ()) if wrt_inputs else ((), inputs)
     return jax.vjp(lambda p, *x: apply(p, batch_stats, *x, *constant), params,
                    *differentiated, has_aux=True)
 
   return forward
-
-
-_backward = PlatformJit(lambda vjp, cotangent: vjp(cotangent))
 
 
 def _op_kwargs(module_class: type, kwargs: dict, bn: dict) -> tuple:
@@ -364,7 +402,7 @@ class PathRun:
   """What one forward pass touched: new BN statistics, the bank entries used, and the
   tape that runs it backward.
 
-  Each tape record is ``(output, vjp, sources)``: the VJP maps the output's cotangent
+  Each tape record is ``(output, pullback, sources)``: the `Pullback` maps the output's cotangent
   to one cotangent per source (an activation array, a `Leaf`, or None for inputs that
   need none); ``vjp`` None marks a sum, whose sources all get the output's cotangent.
   """
@@ -381,6 +419,11 @@ class PathRun:
       return _compile_once(program, args, static)
     return program(*args, **static)
 
+  def call_vjp(self, program: Callable, *args: Any, **static: Any) -> tuple:
+    """`call` a `_forwarding_inputs` program: ``(out, Pullback, *aux)``."""
+    out, residuals, *aux = self.call(program, *args, **static)
+    return (out, Pullback(residuals, tuple(jax.tree.leaves(args))), *aux)
+
   def record(self, output: jax.Array, vjp: Any, sources: Sequence[Any]) -> jax.Array:
     self.tape.append((output, vjp, tuple(sources)))
     return output
@@ -391,8 +434,8 @@ class PathRun:
   def subsample(self, x: jax.Array, stride: int) -> jax.Array:
     if stride == 1:
       return x
-    out, vjp = self.call(_subsample_vjp, x, stride=stride)
-    return self.record(out, vjp, (x,))
+    out, pullback = self.call_vjp(_subsample_vjp, x, stride=stride)
+    return self.record(out, pullback, (x,))
 
   def backward(self, output: jax.Array, cotangent: jax.Array) -> dict[tuple, Any]:
     """Cotangents of every `Leaf` that ``output`` depends on, keyed by the leaf's key.
@@ -408,7 +451,8 @@ class PathRun:
       if ct is None:
         continue  # nothing downstream used it (e.g. it fed a Zero cell)
       for source, source_ct in zip(sources, (ct,) * len(sources) if vjp is None
-                                   else self.call(_backward, vjp, ct)):
+                                   else self.call(_backward, vjp.residuals,
+                                                  vjp.arguments, ct)):
         if source is None:
           continue
         bucket, key = (leaves, source.key) if isinstance(source, Leaf) else (pending,
@@ -452,6 +496,7 @@ _accumulate = PlatformJit(lambda a, b: jax.tree.map(jnp.add, a, b))
 
 
 @functools.partial(PlatformJit, static_argnames="stride")
+@_forwarding_inputs
 def _subsample_vjp(x: jax.Array, stride: int) -> tuple[jax.Array, Any]:
   return jax.vjp(lambda v: ops.subsample(v, stride), x)
 
@@ -470,12 +515,12 @@ def _cell_forward(shape: LayerShape, op: Op, slot: int, x: jax.Array, params: di
     if not differentiate:
       return run.call(_jitted_op(module_class, frozen), params[entry], stats[entry],
                       *inputs)[0]
-    out, vjp, new_stats = run.call(_jitted_op_vjp(module_class, frozen, True),
-                                   params[entry], stats[entry], *inputs)
+    out, pullback, new_stats = run.call_vjp(_jitted_op_vjp(module_class, frozen, True),
+                                            params[entry], stats[entry], *inputs)
     key = ("layers", layer, entry)
     run.batch_stats[key] = new_stats
     run.used.add(key)
-    return run.record(out, vjp, (Leaf(key), *inputs))
+    return run.record(out, pullback, (Leaf(key), *inputs))
 
   def untaped_subsample(v, stride):
     return v if stride == 1 else run.call(_subsample_vjp, v, stride=stride)[0]
@@ -491,6 +536,7 @@ _jitted_add = PlatformJit(cells.add_all)
 
 
 @functools.partial(PlatformJit, static_argnames="estimator")
+@_forwarding_inputs
 def _gate_vjp(y: jax.Array, alpha: jax.Array, mask: jax.Array | None, layer: int,
               choice: int, others: tuple[jax.Array, ...], estimator: str
               ) -> tuple[jax.Array, Any]:
@@ -528,8 +574,9 @@ def forward_path(spec: SupernetSpec, params: dict, batch_stats: dict, alpha: jax
 
   def run_fixed(name, x, wrt_inputs=True):
     fn = _jitted_op_vjp(type(fixed[name]), _fixed_kwargs(fixed[name]), wrt_inputs)
-    out, vjp, run.batch_stats[(name,)] = run.call(fn, params[name], batch_stats[name], x)
-    return run.record(out, vjp, (Leaf((name,)), x) if wrt_inputs else (Leaf((name,)),))
+    out, pullback, run.batch_stats[(name,)] = run.call_vjp(fn, params[name],
+                                                           batch_stats[name], x)
+    return run.record(out, pullback, (Leaf((name,)), x) if wrt_inputs else (Leaf((name,)),))
 
   if estimator not in ("sampled", "proxyless"):
     raise ValueError(f"estimator must be 'sampled' or 'proxyless', got {estimator!r}")
@@ -545,9 +592,9 @@ def forward_path(spec: SupernetSpec, params: dict, batch_stats: dict, alpha: jax
         others = tuple(y if j == choice else
                        _cell_forward(shape, op, j, x, lp, ls, spec, name, run, False)
                        for j, op in enumerate(ops_i))
-      gated, vjp = run.call(_gate_vjp, y, alpha, mask, i, choice, others,
-                            estimator=estimator)
-      y = run.record(gated, vjp, (y, ALPHA))
+      gated, pullback = run.call_vjp(_gate_vjp, y, alpha, mask, i, choice, others,
+                                     estimator=estimator)
+      y = run.record(gated, pullback, (y, ALPHA))
     x = run.add(x, y) if shape.has_shortcut else y
   return run_fixed("head", x)
 

@@ -128,6 +128,26 @@ def test_host_chained_path_computes_the_same_loss_and_gradients_as_the_static_ne
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-5, err_msg=str(path_))  # float32 sums
 
 
+def test_op_forward_programs_pass_their_inputs_to_the_backward_instead_of_copying_them():
+  expand = supernet._jitted_op_vjp(cells.Expand, (("features", 24),), True)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 6, 6, 8)), jnp.float32)
+  variables = cells.Expand(features=24).init(jax.random.PRNGKey(0), x)
+  run = supernet.PathRun()
+  out, pullback, _ = run.call_vjp(expand, variables["params"], variables["batch_stats"], x)
+  residuals = jax.tree.leaves(pullback.residuals)
+  assert not any(r.shape == x.shape for r in residuals)  # x itself is not a residual
+
+  cotangent = jnp.ones_like(out)
+  params_ct, x_ct = supernet._backward(pullback.residuals, pullback.arguments, cotangent)
+  _, vjp = jax.vjp(lambda p, v: cells.Expand(features=24).apply(
+      {"params": p, "batch_stats": variables["batch_stats"]}, v, train=True,
+      mutable=["batch_stats"])[0], variables["params"], x)
+  expected_params_ct, expected_x_ct = vjp(cotangent)
+  np.testing.assert_allclose(x_ct, expected_x_ct, rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(params_ct), jax.tree.leaves(expected_params_ct)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)  # float32 sums, other options
+
+
 def test_swapping_in_new_cells_compiles_nothing_once_their_op_kinds_have_run():
   spec, trainer = make_trainer()
   state = trainer.init(0, 3)
