@@ -225,10 +225,10 @@ class ArchSearch:
     path = self._sample_path(state, step < self.warmup_steps,
                              seeding.generator(self.config.seed, "search_path", step))
     self.precompiler.wait_for(self.candidates, path, False)
-    metrics, grads, _, run = self.trainer.loss_and_grads(state, batch, self.candidates,
-                                                         path, train_alpha=False)
+    state, metrics = self.trainer.train_step(state, batch, self.candidates, path,
+                                             train_alpha=False)
     supernet.check_finite(metrics["loss"], "search", step)
-    return self.trainer.apply(state, grads, None, run), metrics
+    return state, metrics
 
   def alpha_update_due(self, step: int) -> bool:
     """Whether an α step follows the weight step that completed ``step`` steps."""

@@ -245,10 +245,9 @@ class SpaceSearch:
     candidates = run.candidates()
     path = self.step_path(state, run, evolving)
     self.precompiler.wait_for(candidates, path, evolving)
-    metrics, grads, alpha_grad, path_run = self.trainer.loss_and_grads(
-        state, batch, candidates, path, train_alpha=evolving)
+    state, metrics = self.trainer.train_step(state, batch, candidates, path,
+                                             train_alpha=evolving)
     supernet.check_finite(metrics["loss"], "space", run.step)
-    state = self.trainer.apply(state, grads, alpha_grad if evolving else None, path_run)
     return state, metrics
 
   def _restore_or_init(self, ckpt):

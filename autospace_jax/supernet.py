@@ -219,11 +219,15 @@ class Pullback:
   arguments: tuple
 
 
+def _restored(residuals: Any, arguments: tuple) -> Callable:
+  """The VJP with its `_Forwarded` residuals replaced by the arguments they stand for."""
+  return jax.tree.map(lambda r: arguments[r.index] if isinstance(r, _Forwarded) else r,
+                      residuals, is_leaf=lambda r: isinstance(r, _Forwarded))
+
+
 @PlatformJit
 def _backward(residuals: Any, arguments: tuple, cotangent: Any) -> Any:
-  vjp = jax.tree.map(lambda r: arguments[r.index] if isinstance(r, _Forwarded) else r,
-                     residuals, is_leaf=lambda r: isinstance(r, _Forwarded))
-  return vjp(cotangent)
+  return _restored(residuals, arguments)(cotangent)
 
 
 @_built_once
@@ -398,6 +402,34 @@ ALPHA = Leaf(("alpha",))
 
 
 @dataclasses.dataclass
+class EntryOptimizer:
+  """Applies the weight optimizer to each parameter entry as soon as a `PathRun.backward`
+  reaches it, inside that op's backward program: one program call per op instead of
+  two. An entry is reached once per step (each op of a cell has its own entry)."""
+
+  backward_update: Callable  # (residuals, arguments, ct, params, opt_state, lr) program
+  params: dict
+  opt_state: dict
+  learning_rate: Any
+  updated: dict = dataclasses.field(default_factory=dict)  # key -> (params, opt_state)
+
+  def __contains__(self, source: Any) -> bool:
+    return isinstance(source, Leaf) and source != ALPHA
+
+  def backward(self, run: "PathRun", key: tuple, pullback: Pullback, cotangent: Any
+               ) -> tuple:
+    """The op's input cotangents; its entry's new weights and state go to ``updated``."""
+    if key in self.updated:
+      raise ValueError(f"entry {key} ran twice in one step; its update would be applied "
+                       "twice")
+    params, opt_state, input_cotangents = run.call(
+        self.backward_update, pullback.residuals, pullback.arguments, cotangent,
+        _get(self.params, key), _get(self.opt_state, key), self.learning_rate)
+    self.updated[key] = (params, opt_state)
+    return input_cotangents
+
+
+@dataclasses.dataclass
 class PathRun:
   """What one forward pass touched: new BN statistics, the bank entries used, and the
   tape that runs it backward.
@@ -411,6 +443,7 @@ class PathRun:
   used: set = dataclasses.field(default_factory=set)
   tape: list = dataclasses.field(default_factory=list)
   compile_only: bool = False
+  optimizer: EntryOptimizer | None = None
 
   def call(self, program: Callable, *args: Any, **static: Any) -> Any:
     """Run a jitted program; in a compile-only pass, compile it (jit's caches keep the
@@ -438,7 +471,8 @@ class PathRun:
     return self.record(out, pullback, (x,))
 
   def backward(self, output: jax.Array, cotangent: jax.Array) -> dict[tuple, Any]:
-    """Cotangents of every `Leaf` that ``output`` depends on, keyed by the leaf's key.
+    """Cotangents of every `Leaf` that ``output`` depends on, keyed by the leaf's key;
+    with an ``optimizer``, the entries it trains are updated instead (`EntryOptimizer`).
 
     Records run in reverse; an activation's cotangent is complete when its producer is
     reached, since every consumer was recorded after it. Sources are kept alive by the
@@ -446,14 +480,18 @@ class PathRun:
     """
     pending = {id(output): cotangent}
     leaves: dict[tuple, Any] = {}
-    for out, vjp, sources in reversed(self.tape):
+    for out, pullback, sources in reversed(self.tape):
       ct = pending.pop(id(out), None)
       if ct is None:
         continue  # nothing downstream used it (e.g. it fed a Zero cell)
-      for source, source_ct in zip(sources, (ct,) * len(sources) if vjp is None
-                                   else self.call(_backward, vjp.residuals,
-                                                  vjp.arguments, ct)):
-        if source is None:
+      if pullback is None:
+        cotangents = (ct,) * len(sources)
+      elif self.optimizer is not None and sources[0] in self.optimizer:
+        cotangents = (None, *self.optimizer.backward(self, sources[0].key, pullback, ct))
+      else:
+        cotangents = self.call(_backward, pullback.residuals, pullback.arguments, ct)
+      for source, source_ct in zip(sources, cotangents):
+        if source is None or source_ct is None:
           continue
         bucket, key = (leaves, source.key) if isinstance(source, Leaf) else (pending,
                                                                              id(source))
@@ -693,17 +731,21 @@ def _with_entries(tree: dict, values: dict[tuple[str, ...], Any]) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted_entry_update(weight_decay: float, momentum: float) -> Callable:
-  """One entry's optimizer step at a given learning rate; shared by every trainer with
-  these settings, so its programs compile once per entry shape per process."""
+def _jitted_entry_updates(weight_decay: float, momentum: float) -> tuple[Callable, Callable]:
+  """One entry's optimizer step at a given learning rate, on its own and fused into an
+  op's backward (`EntryOptimizer`); shared by every trainer with these settings, so
+  their programs compile once per entry (or op) shape per process."""
   tx = weight_optimizer(1.0, weight_decay, momentum)
 
-  @PlatformJit
   def update(params, opt_state, grads, learning_rate):
     unit_updates, opt_state = tx.update(grads, opt_state, params)
     return jax.tree.map(lambda p, u: p + learning_rate * u, params, unit_updates), opt_state
 
-  return update
+  def backward_update(residuals, arguments, cotangent, params, opt_state, learning_rate):
+    grads, *input_cotangents = _restored(residuals, arguments)(cotangent)
+    return (*update(params, opt_state, grads, learning_rate), tuple(input_cotangents))
+
+  return PlatformJit(update), PlatformJit(backward_update)
 
 
 def _zero_state(tx: optax.GradientTransformation, params: Any) -> Any:
@@ -716,12 +758,12 @@ def _zero_state(tx: optax.GradientTransformation, params: Any) -> Any:
 class SupernetTrainer:
   """Owns the jitted pieces of a supernet step; the state itself stays a pytree.
 
-  Only the entries that ran are updated, each by its own small jitted optimizer step
-  (compiled once per entry shape, shared by all layers and genomes): weights and
-  momentum of ops that did not run cannot move, because nothing touches them. One
-  masked update over the whole bank compiled for 30 s even on a toy supernet (~900
-  leaves); per-entry updates compile in ~0.1 s each. The learning-rate schedule follows
-  the global step, so it is applied here rather than inside each entry's optimizer.
+  Only the entries that ran are updated, each inside its op's backward program (compiled
+  once per op kind and shape, shared by all layers and genomes): weights and momentum of
+  ops that did not run cannot move, because nothing touches them. One masked update over
+  the whole bank compiled for 30 s even on a toy supernet (~900 leaves). The learning-rate
+  schedule follows the global step, so it is applied here (one small program per step)
+  rather than inside each entry's optimizer.
   """
 
   def __init__(self, spec: SupernetSpec, learning_rate: optax.ScalarOrSchedule,
@@ -732,8 +774,9 @@ class SupernetTrainer:
     self.spec = spec
     self.learning_rate = (learning_rate if callable(learning_rate)
                           else optax.constant_schedule(learning_rate))
+    self._learning_rate = PlatformJit(self.learning_rate)
     self.weight_tx = weight_optimizer(1.0, weight_decay, momentum)  # unit step, scaled below
-    self._entry_update = _jitted_entry_update(weight_decay, momentum)
+    self._entry_update, self._backward_update = _jitted_entry_updates(weight_decay, momentum)
     self.alpha_tx = alpha_tx
     self.label_smoothing = label_smoothing
     self.estimator = estimator
@@ -770,13 +813,7 @@ class SupernetTrainer:
     run = PathRun()
     logits, labels, ce, leaves = self._forward_backward(state, batch, candidates, path,
                                                         train_alpha, run, label_smoothing)
-    alpha_grad = None
-    if train_alpha:
-      alpha_grad = leaves.pop(ALPHA.key, None)
-      if alpha_grad is None:
-        alpha_grad = jnp.zeros_like(state.alpha)
-      if alpha_loss is not None:
-        alpha_grad = alpha_loss(state.alpha, ce, alpha_grad)
+    alpha_grad = self._alpha_grad(state, leaves, ce, alpha_loss) if train_alpha else None
     grads = {"layers": {}}
     for key in self._trained_entries(state.params, candidates, path):
       grad = leaves.get(key)
@@ -788,6 +825,16 @@ class SupernetTrainer:
         grads[key[0]] = grad
     metrics = {"loss": ce, "accuracy": accuracy(logits, labels)}
     return metrics, grads, alpha_grad, run
+
+  @staticmethod
+  def _alpha_grad(state: TrainState, leaves: dict, loss: jax.Array,
+                  alpha_loss: Callable[[jax.Array, jax.Array], jax.Array] | None
+                  ) -> jax.Array:
+    """α's cotangent (zeros if no gate reached the loss), through ``alpha_loss`` if given."""
+    alpha_grad = leaves.get(ALPHA.key)
+    if alpha_grad is None:
+      alpha_grad = jnp.zeros_like(state.alpha)
+    return alpha_grad if alpha_loss is None else alpha_loss(state.alpha, loss, alpha_grad)
 
   def _forward_backward(self, state: TrainState, batch: dict,
                         candidates: Sequence[Sequence[Op]], path: Sequence[int],
@@ -810,14 +857,12 @@ class SupernetTrainer:
     and VJPs, the glue between them and the updates of the entries that get gradients
     (the batch is put on the devices and the learning rate computed, as a step does).
     `Precompiler` runs this on background threads ahead of the steps."""
-    run = PathRun(compile_only=True)
-    _, _, _, leaves = self._forward_backward(state, batch, candidates, path, train_alpha,
-                                             run)
-    learning_rate = self.learning_rate(state.step)
-    for key, grad in leaves.items():
-      if key != ALPHA.key:
-        run.call(self._entry_update, _get(state.params, key), _get(state.opt_state, key),
-                 grad, learning_rate)
+    run = PathRun(compile_only=True, optimizer=self._entry_optimizer(state))
+    self._forward_backward(state, batch, candidates, path, train_alpha, run)
+
+  def _entry_optimizer(self, state: TrainState) -> EntryOptimizer:
+    return EntryOptimizer(self._backward_update, state.params, state.opt_state,
+                          self._learning_rate(state.step))
 
   def _trained_entries(self, params, candidates, path) -> list[tuple[str, ...]]:
     """The fixed parts and the bank entries of the sampled cells."""
@@ -830,20 +875,31 @@ class SupernetTrainer:
     batch = self.parallel.global_batch({"image": batch["image"], "label": batch["label"]})
     return batch["image"], batch["label"]
 
-  def apply(self, state: TrainState, grads: dict, alpha_grad: jax.Array | None,
-            run: PathRun) -> TrainState:
-    """Update the entries that ran (weights, momentum, BN statistics) and α (if given)."""
-    learning_rate = self.learning_rate(state.step)
-    new_params, new_opt = {}, {}
-    for key in entry_keys(grads):
-      new_params[key], new_opt[key] = self._entry_update(
-          _get(state.params, key), _get(state.opt_state, key), _get(grads, key),
-          learning_rate)
-    state = state.replace(step=state.step + 1,
-                          params=_with_entries(state.params, new_params),
-                          opt_state=_with_entries(state.opt_state, new_opt),
-                          batch_stats=_with_entries(state.batch_stats, run.batch_stats))
-    return state if alpha_grad is None else self._step_alpha(state, alpha_grad)
+  def train_step(self, state: TrainState, batch: dict, candidates: Sequence[Sequence[Op]],
+                 path: Sequence[int], train_alpha: bool) -> tuple[TrainState, dict]:
+    """One step on ``path``: the entries that ran get the weight optimizer's update on
+    their gradients (weights, momentum, BN statistics), α its own if ``train_alpha``.
+    The same update as `weight_optimizer` on `loss_and_grads`'s gradients, applied inside
+    each op's backward program (`EntryOptimizer`). Returns (new state, metrics)."""
+    optimizer = self._entry_optimizer(state)
+    run = PathRun(optimizer=optimizer)
+    logits, labels, ce, leaves = self._forward_backward(state, batch, candidates, path,
+                                                        train_alpha, run)
+    for key in self._trained_entries(state.params, candidates, path):
+      if key not in optimizer.updated:  # the loss does not reach it: a zero gradient
+        params = _get(state.params, key)
+        optimizer.updated[key] = self._entry_update(
+            params, _get(state.opt_state, key), jax.tree.map(jnp.zeros_like, params),
+            optimizer.learning_rate)
+    state = state.replace(
+        step=state.step + 1,
+        params=_with_entries(state.params, {k: p for k, (p, _) in optimizer.updated.items()}),
+        opt_state=_with_entries(state.opt_state,
+                                {k: o for k, (_, o) in optimizer.updated.items()}),
+        batch_stats=_with_entries(state.batch_stats, run.batch_stats))
+    if train_alpha:
+      state = self._step_alpha(state, self._alpha_grad(state, leaves, ce, None))
+    return state, {"loss": ce, "accuracy": accuracy(logits, labels)}
 
   def apply_alpha(self, state: TrainState, alpha_grad: jax.Array, run: PathRun
                   ) -> TrainState:

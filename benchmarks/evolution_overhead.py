@@ -126,9 +126,7 @@ def step_ratio(search: space_search.SpaceSearch, paths: int, repeats: int = 10) 
 
     def supernet_step():
       nonlocal state
-      metrics, grads, alpha_grad, path_run = search.trainer.loss_and_grads(
-          state, batch, candidates, path, train_alpha=True)
-      state = search.trainer.apply(state, grads, alpha_grad, path_run)
+      state, _ = search.trainer.train_step(state, batch, candidates, path, train_alpha=True)
       return state.alpha
 
     net, variables = cells.init_net(

@@ -120,10 +120,16 @@ def test_weights_learn_from_search_train_and_alpha_from_held_out_batches(tmp_pat
 
   monkeypatch.setattr(input_pipeline, "make_iterator", counting_iterator)
   calls = []
-  loss_and_grads, apply_alpha = search.trainer.loss_and_grads, search.trainer.apply_alpha
+  train_step, loss_and_grads, apply_alpha = (search.trainer.train_step,
+                                             search.trainer.loss_and_grads,
+                                             search.trainer.apply_alpha)
+
+  def recording_train_step(state, batch, candidates, path, train_alpha):
+    calls.append(("weights", train_alpha))
+    return train_step(state, batch, candidates, path, train_alpha)
 
   def recording_loss_and_grads(state, batch, candidates, path, train_alpha, **kwargs):
-    calls.append((train_alpha, kwargs.get("label_smoothing")))
+    calls.append(("alpha", train_alpha, kwargs.get("label_smoothing")))
     return loss_and_grads(state, batch, candidates, path, train_alpha, **kwargs)
 
   def checked_apply_alpha(state, alpha_grad, run):
@@ -135,6 +141,7 @@ def test_weights_learn_from_search_train_and_alpha_from_held_out_batches(tmp_pat
     assert not np.array_equal(new.alpha, state.alpha)
     return new
 
+  monkeypatch.setattr(search.trainer, "train_step", recording_train_step)
   monkeypatch.setattr(search.trainer, "loss_and_grads", recording_loss_and_grads)
   monkeypatch.setattr(search.trainer, "apply_alpha", checked_apply_alpha)
   search.writer = metrics.MetricWriter(str(tmp_path), enabled=True)
@@ -145,8 +152,8 @@ def test_weights_learn_from_search_train_and_alpha_from_held_out_batches(tmp_pat
   assert [r["step"] for r in logged if "held_out_loss" in r] == list(range(7, 13))
   assert (search.warmup_steps, search.total_steps) == (4, 12)
   assert drawn == {"search_train": 12, "search_val": 2}  # α after weight steps 7 and 10
-  assert calls.count((False, None)) == 12
-  assert calls.count((True, 0.0)) == 2  # ProxylessNAS's architecture loss: plain CE
+  assert calls.count(("weights", False)) == 12
+  assert calls.count(("alpha", True, 0.0)) == 2  # ProxylessNAS's architecture loss: plain CE
   assert len(calls) == 14
 
 
@@ -158,9 +165,8 @@ def test_each_candidate_has_its_own_weights_even_where_cells_share_op_names(tmp_
   batch = next(input_pipeline.make_iterator(config.data, "search_train",
                                             config.search.batch_size, seed=0))
   path = [k3e6] * len(search.candidates)
-  _, grads, _, run = search.trainer.loss_and_grads(state, batch, search.candidates, path,
-                                                   train_alpha=False)
-  new = search.trainer.apply(state, grads, None, run)
+  new, _ = search.trainer.train_step(state, batch, search.candidates, path,
+                                     train_alpha=False)
   old_bank, new_bank = (s.params["layers"][supernet.layer_name(0)] for s in (state, new))
   for entry in ("expand_e6", "project_e6"):  # names both IRBs' 1x1 convs have
     trained, other = f"slot{k3e6}_{entry}", f"slot{k5e6}_{entry}"

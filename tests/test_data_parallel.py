@@ -47,9 +47,7 @@ _COMPARE = textwrap.dedent('''
         images, _ = trainer.shard(batch(i))
         shards.append([len(images.sharding.device_set), len(images.addressable_shards),
                        list(images.addressable_shards[0].data.shape)])
-        metrics, grads, alpha_grad, run = trainer.loss_and_grads(state, batch(i), cands,
-                                                                 path, True)
-        state = trainer.apply(state, grads, alpha_grad, run)
+        state, metrics = trainer.train_step(state, batch(i), cands, path, True)
         losses.append(float(metrics["loss"]))
       return losses, shards, jax.device_get(state)
 

@@ -21,8 +21,9 @@ from conftest import short_schedule, tiny_config
 from test_supernet import ATTENTION_CELL, batch, candidates_for, make_trainer, step
 
 ROOT = Path(__file__).resolve().parents[1]
-OP_PROGRAMS = ("jit(forward)", "jit(apply)", "jit(<lambda>)", "jit(update)", "jit(add_all)",
-               "jit(_gate_vjp)", "jit(_subsample_vjp)", "jit(_cross_entropy_and_grad)")
+OP_PROGRAMS = ("jit(forward)", "jit(apply)", "jit(<lambda>)", "jit(_backward)",
+               "jit(backward_update)", "jit(update)", "jit(add_all)", "jit(_gate_vjp)",
+               "jit(_subsample_vjp)", "jit(_cross_entropy_and_grad)")
 
 
 def compiled_programs():

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from autospace_jax import cells
 from autospace_jax import genome as genome_lib
@@ -37,9 +38,7 @@ def candidates_for(spec):
 
 
 def step(trainer, state, cands, path, seed, train_alpha=True):
-  metrics, grads, alpha_grad, run = trainer.loss_and_grads(state, batch(seed), cands, path,
-                                                           train_alpha)
-  return trainer.apply(state, grads, alpha_grad if train_alpha else None, run), metrics
+  return trainer.train_step(state, batch(seed), cands, path, train_alpha)
 
 
 def leaves_by_entry(tree):
@@ -85,6 +84,36 @@ def test_one_step_changes_only_the_sampled_cells_weights_optimizer_state_and_bn_
           assert not same, f"{tree_name} of used {layer}/{entry} did not change"
         else:
           assert same, f"{tree_name} of unused {layer}/{entry} moved"
+
+
+def test_a_train_step_is_the_weight_optimizer_on_the_gradients_of_the_entries_that_ran():
+  spec, trainer = make_trainer()
+  state = trainer.init(0, 3)
+  cands = candidates_for(spec)
+  state, _ = step(trainer, state, cands, [1] * 6, 0)  # momentum is no longer zero
+  path = [0, 1, 2, 0, 1, 2]
+  metrics, grads, alpha_grad, run = trainer.loss_and_grads(state, batch(5), cands, path, True)
+  new, new_metrics = trainer.train_step(state, batch(5), cands, path, True)
+
+  np.testing.assert_allclose(new_metrics["loss"], metrics["loss"], rtol=1e-6)
+  tx = supernet.weight_optimizer(0.1, 1e-3, 0.9)  # make_trainer's settings
+  keys = supernet.entry_keys(grads)
+  assert len(keys) == 3 + sum(len(supernet.cell_entries(cands[i][c]))
+                              for i, c in enumerate(path))
+  for key in keys:
+    params, opt_state = supernet._get(state.params, key), supernet._get(state.opt_state, key)
+    updates, expected_opt_state = tx.update(supernet._get(grads, key), opt_state, params)
+    for tree, expected in ((new.params, optax.apply_updates(params, updates)),
+                           (new.opt_state, expected_opt_state)):
+      for a, b in zip(jax.tree.leaves(supernet._get(tree, key)), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=str(key))
+  expected_stats = supernet._with_entries(state.batch_stats, run.batch_stats)
+  for a, b in zip(jax.tree.leaves(new.batch_stats), jax.tree.leaves(expected_stats)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  alpha_updates, _ = trainer.alpha_tx.update(alpha_grad, state.alpha_opt_state, state.alpha)
+  np.testing.assert_allclose(new.alpha, optax.apply_updates(state.alpha, alpha_updates),
+                             rtol=1e-5, atol=1e-7)
+  assert int(new.step) == int(state.step) + 1
 
 
 def static_params(spec, variables, ops):
