@@ -95,18 +95,21 @@ def stage1_stall(workdir: str) -> tuple[float, space_search.SpaceSearch, float]:
   return blocked() / wall, search, wall
 
 
-def time_steps(fn, repeats: int, blocks: int = 3) -> float:
-  """Mean step time of the fastest of ``blocks`` runs of ``repeats`` steps (the least
-  disturbed by whatever else the machine does)."""
-  jax.block_until_ready(fn())  # compile / warm
-  times = []
+def step_times(fns: list, repeats: int, blocks: int = 5) -> list[float]:
+  """Mean step time of each function in its fastest of ``blocks`` runs of ``repeats``
+  steps (the least disturbed by whatever else the machine does). The functions' blocks
+  alternate, so that a slow spell of a shared machine hits all of them alike."""
+  for fn in fns:
+    jax.block_until_ready(fn())  # compile / warm
+  best = [float("inf")] * len(fns)
   for _ in range(blocks):
-    start = time.perf_counter()
-    for _ in range(repeats):
-      out = fn()
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - start) / repeats)
-  return min(times)
+    for i, fn in enumerate(fns):
+      start = time.perf_counter()
+      for _ in range(repeats):
+        out = fn()
+      jax.block_until_ready(out)
+      best[i] = min(best[i], (time.perf_counter() - start) / repeats)
+  return best
 
 
 def step_ratio(search: space_search.SpaceSearch, paths: int, repeats: int = 10) -> float:
@@ -144,8 +147,7 @@ def step_ratio(search: space_search.SpaceSearch, paths: int, repeats: int = 10) 
       static_state, metrics = step(static_state, device_batch)
       return metrics["loss"]
 
-    t_super = time_steps(supernet_step, repeats)
-    t_static = time_steps(static_step, repeats)
+    t_super, t_static = step_times([supernet_step, static_step], repeats)
     print(f"path {path}: supernet {t_super * 1e3:.1f} ms, static {t_static * 1e3:.1f} ms")
     ratios.append(t_super / t_static)
   return float(np.mean(ratios))
