@@ -7,7 +7,7 @@ x: share of the stage's wall time the training loop spent blocked on tracing, lo
    precompile threads (`config.precompile_threads`), whose work overlaps training;
 y: supernet step time over the step time of a static single-path net (`cells.Net`, one
    jitted program, compiled with the options stage 3 uses) running the same sampled cells
-   on the same batches;
+   on the same batch (each step puts it on the devices, as stages 1 and 3 do);
 z: host ms per mutation round at P 1000, K 9, 21 layers (the ImageNet skeleton).
 
 Usage: python benchmarks/evolution_overhead.py [--workdir DIR] [--paths N]
@@ -140,11 +140,10 @@ def step_ratio(search: space_search.SpaceSearch, paths: int, repeats: int = 10) 
                                     tx.init(variables["params"]))
     step = supernet.PlatformJit(functools.partial(train.train_step, net, tx,
                                                   cfg.label_smoothing))
-    device_batch = jax.device_put(batch)
 
-    def static_step():
+    def static_step():  # puts the batch on the devices each step, as both trainers do
       nonlocal static_state
-      static_state, metrics = step(static_state, device_batch)
+      static_state, metrics = step(static_state, search.parallel.global_batch(batch))
       return metrics["loss"]
 
     t_super, t_static = step_times([supernet_step, static_step], repeats)
