@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable, Sequence
@@ -70,7 +71,10 @@ class Checkpointer:
   """Numbered checkpoints of (arrays, meta) in `directory`, the newest `max_to_keep` kept."""
 
   def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True):
-    self.directory = str(directory)
+    directory = str(directory)
+    # Orbax writes arrays only under absolute paths; a relative workdir (the default
+    # ./runs/<timestamp>) is taken from the current directory. URLs (gs://) stay as given.
+    self.directory = directory if "://" in directory else os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
                                            enable_async_checkpointing=async_save)
     self._manager = _Manager(

@@ -72,6 +72,21 @@ def test_round_trip_keeps_optax_state_dtypes_and_meta(tmp_path):
   ckpt.close()
 
 
+def test_a_relative_directory_is_taken_from_the_current_directory(tmp_path, monkeypatch):
+  # `python -m autospace_jax.main` with no --workdir checkpoints under ./runs/<timestamp>.
+  monkeypatch.chdir(tmp_path)
+  state = _state()
+  ckpt = checkpointing.Checkpointer(os.path.join('runs', 'space', 'checkpoints'))
+  assert ckpt.save(7, state, META)
+  ckpt.wait()
+  ckpt.close()
+  again = checkpointing.Checkpointer(str(tmp_path / 'runs' / 'space' / 'checkpoints'))
+  step, arrays, meta = again.restore_latest(lambda meta: _abstract(state))
+  assert (step, meta) == (7, META)
+  _assert_same(arrays, state)
+  again.close()
+
+
 def test_restore_or_init_starts_fresh_then_resumes_replicated(tmp_path):
   from autospace_jax.parallel import DataParallel
   parallel = DataParallel()
