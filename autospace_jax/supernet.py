@@ -431,16 +431,16 @@ class EntryOptimizer:
 
 @dataclasses.dataclass
 class PathRun:
-  """What one forward pass touched: new BN statistics, the bank entries used, and the
-  tape that runs it backward.
+  """What one forward pass touched: new BN statistics, and the tape that runs it
+  backward.
 
-  Each tape record is ``(output, pullback, sources)``: the `Pullback` maps the output's cotangent
-  to one cotangent per source (an activation array, a `Leaf`, or None for inputs that
-  need none); ``vjp`` None marks a sum, whose sources all get the output's cotangent.
+  Each tape record is ``(output, pullback, sources)``: the `Pullback` maps the output's
+  cotangent to one cotangent per source (an activation array, a `Leaf`, or None for
+  inputs that need none); ``pullback`` None marks a sum, whose sources all get the
+  output's cotangent.
   """
 
   batch_stats: dict = dataclasses.field(default_factory=dict)
-  used: set = dataclasses.field(default_factory=set)
   tape: list = dataclasses.field(default_factory=list)
   compile_only: bool = False
   optimizer: EntryOptimizer | None = None
@@ -457,8 +457,9 @@ class PathRun:
     out, residuals, *aux = self.call(program, *args, **static)
     return (out, Pullback(residuals, tuple(jax.tree.leaves(args))), *aux)
 
-  def record(self, output: jax.Array, vjp: Any, sources: Sequence[Any]) -> jax.Array:
-    self.tape.append((output, vjp, tuple(sources)))
+  def record(self, output: jax.Array, pullback: Pullback | None, sources: Sequence[Any]
+             ) -> jax.Array:
+    self.tape.append((output, pullback, tuple(sources)))
     return output
 
   def add(self, *inputs: jax.Array) -> jax.Array:
@@ -557,7 +558,6 @@ def _cell_forward(shape: LayerShape, op: Op, slot: int, x: jax.Array, params: di
                                             params[entry], stats[entry], *inputs)
     key = ("layers", layer, entry)
     run.batch_stats[key] = new_stats
-    run.used.add(key)
     return run.record(out, pullback, (Leaf(key), *inputs))
 
   def untaped_subsample(v, stride):
@@ -772,9 +772,8 @@ class SupernetTrainer:
                estimator: str, parallel: DataParallel,
                alpha_mask: np.ndarray | None = None):
     self.spec = spec
-    self.learning_rate = (learning_rate if callable(learning_rate)
-                          else optax.constant_schedule(learning_rate))
-    self._learning_rate = PlatformJit(self.learning_rate)
+    self._learning_rate = PlatformJit(learning_rate if callable(learning_rate)
+                                      else optax.constant_schedule(learning_rate))
     self.weight_tx = weight_optimizer(1.0, weight_decay, momentum)  # unit step, scaled below
     self._entry_update, self._backward_update = _jitted_entry_updates(weight_decay, momentum)
     self.alpha_tx = alpha_tx
