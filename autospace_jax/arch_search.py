@@ -187,7 +187,7 @@ class ArchSearch:
         self.spec, schedule, self.cfg.weight_decay, self.cfg.momentum,
         supernet.alpha_optimizer(self.cfg.alpha_learning_rate),
         self.cfg.label_smoothing, self.cfg.estimator, self.parallel, self.mask)
-    self.precompiler = precompile.Precompiler(self.trainer, config.precompile_threads)
+    self.precompiler = precompile.Precompiler(self.compile_pass, config.precompile_threads)
 
   def madds_range(self) -> tuple[int, int]:
     """MAdds of the cheapest and of the most expensive net in this space."""
@@ -229,6 +229,13 @@ class ArchSearch:
                                              train_alpha=False)
     supernet.check_finite(metrics["loss"], "search", step)
     return state, metrics
+
+  def compile_pass(self, state, batch: dict, candidates, path, alpha_step: bool) -> None:
+    """What the precompile threads run: the programs of a weight step (`train_step`), or
+    of an α step (`loss_and_grads` with plain CE; no weight updates)."""
+    self.trainer.compile_path(state, batch, candidates, path, alpha_step,
+                              update_weights=not alpha_step,
+                              label_smoothing=0.0 if alpha_step else None)
 
   def alpha_update_due(self, step: int) -> bool:
     """Whether an α step follows the weight step that completed ``step`` steps."""

@@ -23,11 +23,15 @@ import itertools
 import logging
 import threading
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from autospace_jax import supernet
 
 Cell = tuple  # (layer index, genome, train_alpha)
+# (state, batch, candidates, path, train_alpha) -> None: compiles a step's programs, e.g.
+# `SupernetTrainer.compile_path`.
+CompilePass = Callable[[Any, dict, Sequence[Sequence[supernet.Op]], Sequence[int], bool],
+                       None]
 
 
 def _path_cells(candidates: Sequence[Sequence[supernet.Op]], path: Sequence[int],
@@ -68,8 +72,8 @@ class Precompiler:
   """Queues compile-only passes over supernet paths on ``threads`` worker threads
   (0: none; every program then compiles when a step first calls it)."""
 
-  def __init__(self, trainer: supernet.SupernetTrainer, threads: int):
-    self._trainer = trainer
+  def __init__(self, compile_pass: CompilePass, threads: int):
+    self._compile_pass = compile_pass
     self._threads = threads
     self._pool: concurrent.futures.ThreadPoolExecutor | None = None
     self._lock = threading.Lock()
@@ -127,7 +131,7 @@ class Precompiler:
               train_alpha: bool, waited_for: bool) -> None:
     cells = _path_cells(candidates, path, train_alpha)
     try:
-      future = pool.submit(self._trainer.compile_path, state, batch, candidates, path,
+      future = pool.submit(self._compile_pass, state, batch, candidates, path,
                            train_alpha)
     except RuntimeError:  # closed since the pass was planned
       return

@@ -112,7 +112,8 @@ class SpaceSearch:
         supernet.alpha_optimizer(self.cfg.alpha_learning_rate, self.cfg.alpha_b1,
                                  self.cfg.alpha_b2),
         self.cfg.label_smoothing, self.cfg.estimator, self.parallel)
-    self.precompiler = precompile.Precompiler(self.trainer, config.precompile_threads)
+    self.precompiler = precompile.Precompiler(self.trainer.compile_path,
+                                              config.precompile_threads)
 
   # --- evolution schedule ---
 

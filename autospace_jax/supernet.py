@@ -851,13 +851,17 @@ class SupernetTrainer:
     return logits, labels, ce, run.backward(logits, logits_ct)
 
   def compile_path(self, state: TrainState, batch: dict, candidates: Sequence[Sequence[Op]],
-                   path: Sequence[int], train_alpha: bool) -> None:
-    """Compile, without running them, the programs a step on ``path`` calls: op forwards
-    and VJPs, the glue between them and the updates of the entries that get gradients
-    (the batch is put on the devices and the learning rate computed, as a step does).
-    `Precompiler` runs this on background threads ahead of the steps."""
-    run = PathRun(compile_only=True, optimizer=self._entry_optimizer(state))
-    self._forward_backward(state, batch, candidates, path, train_alpha, run)
+                   path: Sequence[int], train_alpha: bool, update_weights: bool = True,
+                   label_smoothing: float | None = None) -> None:
+    """Compile, without running them, the programs a `train_step` on ``path`` calls: op
+    forwards, backwards with their entries' updates, and the glue between them (the batch
+    is put on the devices and the learning rate computed, as a step does); with
+    ``update_weights`` False, those of a `loss_and_grads` step instead (stage 2's α steps,
+    with their ``label_smoothing``). `Precompiler` runs this on background threads."""
+    run = PathRun(compile_only=True,
+                  optimizer=self._entry_optimizer(state) if update_weights else None)
+    self._forward_backward(state, batch, candidates, path, train_alpha, run,
+                           label_smoothing)
 
   def _entry_optimizer(self, state: TrainState) -> EntryOptimizer:
     return EntryOptimizer(self._backward_update, state.params, state.opt_state,

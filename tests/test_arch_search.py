@@ -20,6 +20,7 @@ from autospace_jax import netspec
 from autospace_jax import presets
 from autospace_jax import supernet
 from conftest import reference_file, short_schedule, tiny_config
+from test_precompile import OP_PROGRAMS, compiled_programs
 
 
 def irb_search(tmp_path, target: int, config=None) -> arch_search.ArchSearch:
@@ -155,6 +156,23 @@ def test_weights_learn_from_search_train_and_alpha_from_held_out_batches(tmp_pat
   assert calls.count(("weights", False)) == 12
   assert calls.count(("alpha", True, 0.0)) == 2  # ProxylessNAS's architecture loss: plain CE
   assert len(calls) == 14
+
+
+def test_after_the_alpha_passes_an_alpha_step_compiles_no_supernet_program(tmp_path):
+  # α steps run `loss_and_grads` with plain CE and update no weights: their passes must
+  # compile those programs, not a weight step's.
+  config = tiny_config()
+  search = irb_search(tmp_path, 1, config)
+  state = search.trainer.init(0, search.mask.shape[1])
+  batch = next(input_pipeline.make_iterator(config.data, "search_val",
+                                            config.search.batch_size, seed=0))
+  for j in range(search.mask.shape[1]):
+    search.compile_pass(state, batch, search.candidates,
+                        [min(j, len(c) - 1) for c in search.candidates], True)
+  names = compiled_programs()
+  new_state, _ = search.alpha_step(state, 0, batch)
+  jax.block_until_ready(new_state)
+  assert [n for n in names if n in OP_PROGRAMS] == []
 
 
 def test_each_candidate_has_its_own_weights_even_where_cells_share_op_names(tmp_path):

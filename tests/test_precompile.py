@@ -151,7 +151,7 @@ CELLS = [[genome_lib.irb(3, 6), genome_lib.irb(5, 3)]] * 2
 
 def test_the_loop_waits_for_a_queued_pass_over_its_cells_and_not_for_others():
   trainer = BlockingTrainer()
-  precompiler = precompile.Precompiler(trainer, threads=1)
+  precompiler = precompile.Precompiler(trainer.compile_path, threads=1)
   precompiler.submit(None, None, CELLS, [0, 0], False)
   # Cells no queued pass compiles: nothing to wait for.
   precompiler.wait_for(CELLS, [1, 1], False)
@@ -177,7 +177,7 @@ class PathGatedTrainer:
 
 def test_the_loop_waits_only_for_the_earliest_pass_over_each_of_its_cells():
   trainer = PathGatedTrainer((0, 1), (1, 1))
-  precompiler = precompile.Precompiler(trainer, threads=2)
+  precompiler = precompile.Precompiler(trainer.compile_path, threads=2)
   precompiler.submit(None, None, CELLS, [0, 1], False)  # the first step's own path
   precompiler.submit(None, None, CELLS, [1, 1], False)  # shares layer 1's cell with it
   trainer.release[0, 1].set()
@@ -192,7 +192,7 @@ def test_the_loop_waits_only_for_the_earliest_pass_over_each_of_its_cells():
 def test_a_failed_pass_is_logged_and_the_step_compiles_for_itself(caplog):
   trainer = BlockingTrainer(fail=True)
   trainer.release.set()
-  precompiler = precompile.Precompiler(trainer, threads=1)
+  precompiler = precompile.Precompiler(trainer.compile_path, threads=1)
   with caplog.at_level(logging.WARNING):
     precompiler.submit(None, None, CELLS, [0, 0], False)
     precompiler.wait_for(CELLS, [0, 0], False)
@@ -212,7 +212,7 @@ class RecordingTrainer:
 
 def test_candidate_passes_together_compile_every_candidate_of_every_layer():
   trainer = RecordingTrainer()
-  precompiler = precompile.Precompiler(trainer, threads=1)
+  precompiler = precompile.Precompiler(trainer.compile_path, threads=1)
   ragged = [[genome_lib.irb(3, 6), genome_lib.irb(5, 3), ATTENTION_CELL],
             [genome_lib.irb(3, 6)]]
   precompiler.submit_candidates(None, None, ragged, True)
@@ -230,7 +230,7 @@ def test_first_batch_puts_the_batch_back_for_the_first_step():
 
 def test_no_threads_means_no_passes():
   trainer = BlockingTrainer()
-  precompiler = precompile.Precompiler(trainer, threads=0)
+  precompiler = precompile.Precompiler(trainer.compile_path, threads=0)
   precompiler.submit(None, None, CELLS, [0, 0], False)
   precompiler.wait_for(CELLS, [0, 0], False)  # would block if a pass had been queued
   assert precompiler.seconds_waited == 0.0
@@ -250,7 +250,7 @@ def test_stage_one_learns_the_same_space_with_and_without_precompile_threads(tmp
 def test_stage_one_queues_the_first_steps_own_path_before_the_candidates(tmp_path):
   search = space_search.SpaceSearch(tiny_config(), str(tmp_path))
   trainer = RecordingTrainer()
-  search.precompiler = precompile.Precompiler(trainer, threads=1)
+  search.precompiler = precompile.Precompiler(trainer.compile_path, threads=1)
   run = search.initial_run()
   state = search.trainer.init(0, search.cfg.num_cells)
   first_path = search.step_path(state, run, False)
