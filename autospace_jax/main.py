@@ -109,7 +109,7 @@ def enable_compilation_cache(jax) -> None:
   """Persist compiled programs across runs (restarts, later stages, reruns).
 
   The supernet compiles a few hundred small programs (per op kind and shape, forward and
-  backward, optimizer steps), most in under 0.1 s but ~11 s together for the default's
+  backward-with-update, glue), most in under 0.1 s but ~12 s together for the default's
   first candidates on 2 CPU cores; so every program is cached, however quick, and a
   restart loads them instead (measured: the benchmark's stage 1 was blocked 5.6 s instead
   of 19.1 s).
