@@ -413,7 +413,9 @@ class EntryOptimizer:
   learning_rate: Any
   updated: dict = dataclasses.field(default_factory=dict)  # key -> (params, opt_state)
 
-  def __contains__(self, source: Any) -> bool:
+  @staticmethod
+  def trains(source: Any) -> bool:
+    """Whether ``source`` is a parameter entry (a `Leaf` other than α)."""
     return isinstance(source, Leaf) and source != ALPHA
 
   def backward(self, run: "PathRun", key: tuple, pullback: Pullback, cotangent: Any
@@ -487,7 +489,7 @@ class PathRun:
         continue  # nothing downstream used it (e.g. it fed a Zero cell)
       if pullback is None:
         cotangents = (ct,) * len(sources)
-      elif self.optimizer is not None and sources[0] in self.optimizer:
+      elif self.optimizer is not None and self.optimizer.trains(sources[0]):
         cotangents = (None, *self.optimizer.backward(self, sources[0].key, pullback, ct))
       else:
         cotangents = self.call(_backward, pullback.residuals, pullback.arguments, ct)
