@@ -223,12 +223,15 @@ class SpaceSearch:
 
   def precompile(self, state: supernet.TrainState, run: SpaceRun, batch: dict) -> None:
     """Queue the compiling of the first step's own path (it waits for that pass alone),
-    of every current candidate (the next steps wait for these), then of paths covering
-    every program a feasible cell can call (so later cells find theirs compiled)."""
+    of every current candidate (the next steps wait for these), of α's programs if the
+    run is still warming up, then of paths covering every program a feasible cell can
+    call (so later cells find theirs compiled)."""
     evolving = run.step >= self.warmup_steps
     self.precompiler.submit(state, batch, run.candidates(),
                             self.step_path(state, run, evolving), evolving)
     self.precompiler.submit_candidates(state, batch, run.candidates(), evolving)
+    if not evolving:  # what the first evolving step adds: α's gates and update
+      self.precompiler.submit(state, batch, run.candidates(), [0] * len(self.shapes), True)
     all_genomes = list(genome_lib.all_genomes(self.cfg.codes))
     self.precompiler.submit_covering(
         state, batch, [[g for g in all_genomes if self._feasible(layer, False)(g)]

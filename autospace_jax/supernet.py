@@ -774,8 +774,10 @@ class SupernetTrainer:
                estimator: str, parallel: DataParallel,
                alpha_mask: np.ndarray | None = None):
     self.spec = spec
-    self._learning_rate = PlatformJit(learning_rate if callable(learning_rate)
-                                      else optax.constant_schedule(learning_rate))
+    schedule = (learning_rate if callable(learning_rate)
+                else optax.constant_schedule(learning_rate))
+    # The step's learning rate and the next step count: one program per step.
+    self._schedule_and_next_step = PlatformJit(lambda step: (schedule(step), step + 1))
     self.weight_tx = weight_optimizer(1.0, weight_decay, momentum)  # unit step, scaled below
     self._entry_update, self._backward_update = _jitted_entry_updates(weight_decay, momentum)
     self.alpha_tx = alpha_tx
@@ -812,9 +814,10 @@ class SupernetTrainer:
     sampled cells (zeros where the loss does not depend on it, as autodiff would give).
     ``label_smoothing`` overrides the trainer's (stage 2's α steps use plain CE)."""
     run = PathRun()
-    logits, labels, ce, leaves = self._forward_backward(state, batch, candidates, path,
-                                                        train_alpha, run, label_smoothing)
-    alpha_grad = self._alpha_grad(state, leaves, ce, alpha_loss) if train_alpha else None
+    metrics, leaves = self._forward_backward(state, batch, candidates, path, train_alpha,
+                                             run, label_smoothing)
+    alpha_grad = (self._alpha_grad(state, leaves, metrics["loss"], alpha_loss)
+                  if train_alpha else None)
     grads = {"layers": {}}
     for key in self._trained_entries(state.params, candidates, path):
       grad = leaves.get(key)
@@ -824,7 +827,6 @@ class SupernetTrainer:
         grads["layers"].setdefault(key[1], {})[key[2]] = grad
       else:
         grads[key[0]] = grad
-    metrics = {"loss": ce, "accuracy": accuracy(logits, labels)}
     return metrics, grads, alpha_grad, run
 
   @staticmethod
@@ -840,9 +842,9 @@ class SupernetTrainer:
   def _forward_backward(self, state: TrainState, batch: dict,
                         candidates: Sequence[Sequence[Op]], path: Sequence[int],
                         train_alpha: bool, run: PathRun,
-                        label_smoothing: float | None = None
-                        ) -> tuple[Any, Any, Any, dict]:
-    """(logits, labels, loss, leaf cotangents) of one step on ``path``, taped on ``run``."""
+                        label_smoothing: float | None = None) -> tuple[dict, dict]:
+    """Metrics (loss, accuracy) and leaf cotangents of one step on ``path``, taped on
+    ``run``."""
     images, labels = self.shard(batch)
     logits = forward_path(self.spec, state.params, state.batch_stats,
                           state.alpha if train_alpha else None, images, candidates, path,
@@ -850,24 +852,31 @@ class SupernetTrainer:
     smoothing = self.label_smoothing if label_smoothing is None else label_smoothing
     ce, logits_ct = run.call(_cross_entropy_and_grad, logits, labels,
                              label_smoothing=smoothing)
-    return logits, labels, ce, run.backward(logits, logits_ct)
+    metrics = {"loss": ce, "accuracy": run.call(accuracy, logits, labels)}
+    return metrics, run.backward(logits, logits_ct)
 
   def compile_path(self, state: TrainState, batch: dict, candidates: Sequence[Sequence[Op]],
                    path: Sequence[int], train_alpha: bool, update_weights: bool = True,
                    label_smoothing: float | None = None) -> None:
     """Compile, without running them, the programs a `train_step` on ``path`` calls: op
-    forwards, backwards with their entries' updates, and the glue between them (the batch
-    is put on the devices and the learning rate computed, as a step does); with
-    ``update_weights`` False, those of a `loss_and_grads` step instead (stage 2's α steps,
-    with their ``label_smoothing``). `Precompiler` runs this on background threads."""
-    run = PathRun(compile_only=True,
-                  optimizer=self._entry_optimizer(state) if update_weights else None)
-    self._forward_backward(state, batch, candidates, path, train_alpha, run,
-                           label_smoothing)
+    forwards, backwards with their entries' updates, the glue between them and the α
+    update (the batch is put on the devices and the learning rate computed, as a step
+    does); with ``update_weights`` False, those of a `loss_and_grads` step instead (stage
+    2's α steps, with their ``label_smoothing``). `Precompiler` runs this on background
+    threads."""
+    optimizer = self._entry_optimizer(state)[0] if update_weights else None
+    run = PathRun(compile_only=True, optimizer=optimizer)
+    metrics, leaves = self._forward_backward(state, batch, candidates, path, train_alpha,
+                                             run, label_smoothing)
+    if train_alpha and update_weights:
+      run.call(self._alpha_update, state.alpha, state.alpha_opt_state,
+               self._alpha_grad(state, leaves, metrics["loss"], None))
 
-  def _entry_optimizer(self, state: TrainState) -> EntryOptimizer:
+  def _entry_optimizer(self, state: TrainState) -> tuple[EntryOptimizer, jax.Array]:
+    """The step's `EntryOptimizer`, and the step count after it."""
+    learning_rate, next_step = self._schedule_and_next_step(state.step)
     return EntryOptimizer(self._backward_update, state.params, state.opt_state,
-                          self._learning_rate(state.step))
+                          learning_rate), next_step
 
   def _trained_entries(self, params, candidates, path) -> list[tuple[str, ...]]:
     """The fixed parts and the bank entries of the sampled cells."""
@@ -886,10 +895,10 @@ class SupernetTrainer:
     their gradients (weights, momentum, BN statistics), α its own if ``train_alpha``.
     The same update as `weight_optimizer` on `loss_and_grads`'s gradients, applied inside
     each op's backward program (`EntryOptimizer`). Returns (new state, metrics)."""
-    optimizer = self._entry_optimizer(state)
+    optimizer, next_step = self._entry_optimizer(state)
     run = PathRun(optimizer=optimizer)
-    logits, labels, ce, leaves = self._forward_backward(state, batch, candidates, path,
-                                                        train_alpha, run)
+    metrics, leaves = self._forward_backward(state, batch, candidates, path, train_alpha,
+                                             run)
     for key in self._trained_entries(state.params, candidates, path):
       if key not in optimizer.updated:  # the loss does not reach it: a zero gradient
         params = _get(state.params, key)
@@ -897,14 +906,15 @@ class SupernetTrainer:
             params, _get(state.opt_state, key), jax.tree.map(jnp.zeros_like, params),
             optimizer.learning_rate)
     state = state.replace(
-        step=state.step + 1,
+        step=next_step,
         params=_with_entries(state.params, {k: p for k, (p, _) in optimizer.updated.items()}),
         opt_state=_with_entries(state.opt_state,
                                 {k: o for k, (_, o) in optimizer.updated.items()}),
         batch_stats=_with_entries(state.batch_stats, run.batch_stats))
     if train_alpha:
-      state = self._step_alpha(state, self._alpha_grad(state, leaves, ce, None))
-    return state, {"loss": ce, "accuracy": accuracy(logits, labels)}
+      state = self._step_alpha(state, self._alpha_grad(state, leaves, metrics["loss"],
+                                                       None))
+    return state, metrics
 
   def apply_alpha(self, state: TrainState, alpha_grad: jax.Array, run: PathRun
                   ) -> TrainState:
@@ -925,7 +935,7 @@ class SupernetTrainer:
     second-moment estimates belonged to the cells that left). **[choice]**: with Adam's
     β1 = 0 the first α step after each round moves every α by about ±lr (its v̂ is g²);
     the alternative, Adam state kept per cell in the population, costs P x L floats."""
-    alpha = jnp.asarray(alpha, jnp.float32)
+    alpha = np.asarray(alpha, np.float32)  # on the host: no conversion program to compile
     return self.parallel.replicate(state.replace(alpha=alpha,
                                                  alpha_opt_state=self.alpha_tx.init(alpha)))
 

@@ -54,6 +54,20 @@ def test_after_a_compile_only_pass_a_step_on_that_path_compiles_no_supernet_prog
   assert [n for n in names if n in OP_PROGRAMS] == []
 
 
+@pytest.mark.parametrize("estimator", ["sampled", "proxyless"])
+def test_after_a_compile_only_pass_the_first_step_of_a_trainer_compiles_nothing(estimator):
+  # Not even the step's glue: the metrics, the learning rate and step count, α's update.
+  spec, trainer = make_trainer(estimator)
+  cands = candidates_for(spec)
+  path = [0, 1, 2, 2, 1, 0]
+  state = trainer.init(0, 3)
+  trainer.compile_path(state, batch(5), cands, path, True)
+  names = compiled_programs()
+  state, _ = step(trainer, state, cands, path, 1)
+  jax.block_until_ready(state)
+  assert names == []
+
+
 def test_a_compile_only_pass_tells_apart_two_identical_ops_on_one_input():
   # Edges 0>1 and 0>2 run the same program on the same node: the pass must tape both
   # outputs (and compile the sum of their cotangents) as a step does.
@@ -258,3 +272,17 @@ def test_stage_one_queues_the_first_steps_own_path_before_the_candidates(tmp_pat
   search.precompiler.wait_for(run.candidates(), first_path, False)
   search.precompiler.close()
   assert trainer.paths[0] == (first_path, False)
+
+
+def test_a_warming_up_stage_one_also_queues_alphas_programs_before_covering_paths(tmp_path):
+  search = space_search.SpaceSearch(tiny_config(), str(tmp_path))
+  trainer = RecordingTrainer()
+  search.precompiler = precompile.Precompiler(trainer.compile_path, threads=1)
+  run = search.initial_run()
+  state = search.trainer.init(0, search.cfg.num_cells)
+  search.precompile(state, run, None)
+  search.precompiler.wait_for(run.candidates(), [0] * len(search.shapes), True)
+  search.precompiler.close()
+  warmup_passes = 1 + search.cfg.num_cells
+  assert [a for _, a in trainer.paths[:warmup_passes]] == [False] * warmup_passes
+  assert trainer.paths[warmup_passes] == ([0] * len(search.shapes), True)
