@@ -7,18 +7,19 @@ each one, a `Precompiler` compiles them ahead, in compile-only passes
 (`SupernetTrainer.compile_path`: the step's programs are lowered and compiled, none of
 them runs; only the batch's copy to the devices and a few local scalar and zeros
 computations do, none with a collective, so the passes are safe on any mesh and on every
-host), on worker threads: first (stage 1) the first step's own path, then one path
-through each of the current candidates, which the loop waits for (each step only for the
-earliest pass over each of its cells); then (stage 1) a few paths that together make
-every program call a feasible cell of each layer can make, so the cells that mutation
-brings in later find their programs compiled. Used as a context manager, it drops
-unstarted passes on exit.
+host), on worker threads. Passes the loop waits for (each step only for the earliest pass
+over each of its cells) come first: the first step's own path, one path through each of
+the current candidates, and in stage 1 the cells each coming evolution round is likely to
+bring in (`SpaceSearch.precompile_next_round`). Covering passes for stage 1's later cells
+run when those are done: together they make every program call a feasible cell of each
+layer can make. Used as a context manager, it drops unstarted passes on exit.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
-import functools
+import dataclasses
 import itertools
 import logging
 import threading
@@ -52,15 +53,6 @@ def covering_cells(genomes: Sequence[supernet.Op]) -> list[supernet.Op]:
   return chosen
 
 
-def covering_paths(layer_genomes: Sequence[Sequence[supernet.Op]]
-                   ) -> list[list[supernet.Op]]:
-  """Paths (one genome per layer) whose cells make every call of `covering_cells` in every
-  layer; layers with fewer covering cells repeat their last one."""
-  covers = [covering_cells(genomes) for genomes in layer_genomes]
-  return [[cover[min(p, len(cover) - 1)] for cover in covers]
-          for p in range(max(map(len, covers), default=0))]
-
-
 def first_batch(data: Iterator[dict]) -> tuple[dict, Iterator[dict]]:
   """The next batch, and the iterator with it put back: passes need a batch's shapes
   before the first step takes it."""
@@ -68,27 +60,49 @@ def first_batch(data: Iterator[dict]) -> tuple[dict, Iterator[dict]]:
   return batch, itertools.chain([batch], data)
 
 
+@dataclasses.dataclass(eq=False)
+class _Pass:
+  """A queued compile-only pass: its arguments, the cells it compiles, its outcome."""
+
+  args: tuple  # (state, batch, candidates, path, train_alpha)
+  cells: set
+  waited_for: bool
+  future: concurrent.futures.Future = dataclasses.field(
+      default_factory=concurrent.futures.Future)
+
+
 class Precompiler:
-  """Queues compile-only passes over supernet paths on ``threads`` worker threads
-  (0: none; every program then compiles when a step first calls it)."""
+  """Runs compile-only passes over supernet paths on ``threads`` worker threads (0: none;
+  every program then compiles when a step first calls it).
+
+  Passes the loop may wait for run first, in the order queued; covering passes (for cells
+  to come) only while none of those is queued or running: on few cores they would only
+  slow down the passes that steps are waiting for.
+  """
 
   def __init__(self, compile_pass: CompilePass, threads: int):
     self._compile_pass = compile_pass
     self._threads = threads
-    self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-    self._lock = threading.Lock()
+    self._changed = threading.Condition()  # guards the fields below
+    self._workers: list[threading.Thread] = []
+    self._generation = 0  # `close` ends a generation of workers and passes
+    self._waited_for: collections.deque[_Pass] = collections.deque()  # not started
+    self._covering: collections.deque[_Pass] = collections.deque()  # not started
+    self._running_waited_for = 0
     self._compiled: set[Cell] = set()
-    self._queued: list[tuple[set[Cell], concurrent.futures.Future]] = []
+    self._queued: list[_Pass] = []  # waited-for passes, until a `wait_for` sees them done
     self.seconds_waited = 0.0  # the training loop's time spent waiting in `wait_for`
 
   def submit(self, state: supernet.TrainState, batch: dict,
              candidates: Sequence[Sequence[supernet.Op]], path: Sequence[int],
              train_alpha: bool) -> None:
-    """Queue a pass that compiles what a step on ``path`` would call; ``state`` and
-    ``batch`` give the shapes only."""
-    if self._threads:
-      self._submit(self._open_pool(), state, batch, candidates, path, train_alpha,
-                   waited_for=True)
+    """Queue a pass that compiles what a step on ``path`` would call (unless every cell on
+    it is compiled or queued already); ``state`` and ``batch`` give the shapes only."""
+    cells = _path_cells(candidates, path, train_alpha)
+    with self._changed:
+      if cells <= self._compiled.union(*(p.cells for p in self._queued)):
+        return
+    self._enqueue(_Pass((state, batch, candidates, path, train_alpha), cells, True))
 
   def submit_candidates(self, state: supernet.TrainState, batch: dict,
                         candidates: Sequence[Sequence[supernet.Op]], train_alpha: bool
@@ -99,75 +113,95 @@ class Precompiler:
                   train_alpha)
 
   def submit_covering(self, state: supernet.TrainState, batch: dict,
-                      layer_genomes: Sequence[Sequence[supernet.Op]], num_candidates: int
-                      ) -> None:
-    """Queue passes over `covering_paths` of ``layer_genomes``, with α trained, to start
-    once the passes queued so far are done: those are for the steps about to run, these
-    for cells to come, and on few cores they would only slow those down. Steps never
-    wait for these: a step that needs one of their programs first compiles it itself."""
+                      candidates: Sequence[Sequence[supernet.Op]],
+                      layer_genomes: Sequence[Sequence[supernet.Op]]) -> None:
+    """Queue passes that together make every program call of `covering_cells` of
+    ``layer_genomes``, with α trained. Each compiles one layer's covering cell, the other
+    layers running ``candidates`` (whose programs the passes before compile), so that
+    each pass is short: one does not hold a thread long once a pass that steps wait for
+    is queued. Steps never wait for these: a step that needs one of their programs
+    first compiles it itself."""
     if not self._threads:
       return
-    pool = self._open_pool()
-    paths = covering_paths(layer_genomes)
-    with self._lock:
-      earlier = [f for _, f in self._queued]
+    covers = [covering_cells(genomes) for genomes in layer_genomes]
+    for rank in range(max(map(len, covers), default=0)):  # every layer's best cells first
+      for layer, cover in enumerate(covers):
+        if rank < len(cover):
+          cells = [list(ops) for ops in candidates]
+          cells[layer] = [cover[rank]] * len(cells[layer])
+          path = [0] * len(cells)
+          self._enqueue(_Pass((state, batch, cells, path, True),
+                              _path_cells(cells, path, True), False))
 
-    def queue_when_earlier_done():
-      concurrent.futures.wait(earlier)
-      for path in paths:
-        self._submit(pool, state, batch, [[g] * num_candidates for g in path],
-                     [0] * len(path), True, waited_for=False)
+  def _enqueue(self, queued: _Pass) -> None:
+    if not self._threads:
+      return
+    with self._changed:
+      if queued.waited_for:
+        self._waited_for.append(queued)
+        self._queued.append(queued)
+      else:
+        self._covering.append(queued)
+      while len(self._workers) < self._threads:
+        worker = threading.Thread(target=self._work, args=(self._generation,),
+                                  name=f"autospace-precompile-{len(self._workers)}")
+        worker.start()
+        self._workers.append(worker)
+      self._changed.notify()
 
-    threading.Thread(target=queue_when_earlier_done, daemon=True).start()
+  def _next(self, generation: int) -> _Pass | None:
+    """The pass to run next, once there is one; None once ``generation`` is closed."""
+    with self._changed:
+      while generation == self._generation:
+        if self._waited_for:
+          self._running_waited_for += 1
+          return self._waited_for.popleft()
+        if self._covering and not self._running_waited_for:
+          return self._covering.popleft()
+        self._changed.wait()
+      return None
 
-  def _open_pool(self) -> concurrent.futures.ThreadPoolExecutor:
-    if self._pool is None:
-      self._pool = concurrent.futures.ThreadPoolExecutor(self._threads,
-                                                         "autospace-precompile")
-    return self._pool
+  def _work(self, generation: int) -> None:
+    while (queued := self._next(generation)) is not None:
+      try:
+        if queued.future.set_running_or_notify_cancel():
+          self._run(queued)
+      finally:
+        if queued.waited_for:
+          with self._changed:
+            self._running_waited_for -= 1
+            self._changed.notify_all()
 
-  def _submit(self, pool: concurrent.futures.ThreadPoolExecutor, state: Any, batch: Any,
-              candidates: Sequence[Sequence[supernet.Op]], path: Sequence[int],
-              train_alpha: bool, waited_for: bool) -> None:
-    cells = _path_cells(candidates, path, train_alpha)
+  def _run(self, queued: _Pass) -> None:
     try:
-      future = pool.submit(self._compile_pass, state, batch, candidates, path,
-                           train_alpha)
-    except RuntimeError:  # closed since the pass was planned
-      return
-    future.add_done_callback(functools.partial(self._finished, cells))
-    if waited_for:
-      with self._lock:
-        self._queued.append((cells, future))
-
-  def _finished(self, cells: set[Cell], future: concurrent.futures.Future) -> None:
-    if future.cancelled():
-      return
-    if future.exception() is not None:
+      self._compile_pass(*queued.args)
+    except Exception as error:  # pylint: disable=broad-except
       # The step that needs these programs compiles them itself (and raises if it fails).
-      logging.warning("precompiling a supernet path failed: %r", future.exception())
+      logging.warning("precompiling a supernet path failed: %r", error)
+      queued.future.set_exception(error)
       return
-    with self._lock:
-      self._compiled |= cells
+    with self._changed:
+      self._compiled |= queued.cells
+    queued.future.set_result(None)
 
   def wait_for(self, candidates: Sequence[Sequence[supernet.Op]], path: Sequence[int],
                train_alpha: bool) -> None:
     """Before a step on ``path``: wait for queued passes that compile its cells, instead
     of compiling them a second time on this thread."""
     cells = _path_cells(candidates, path, train_alpha)
-    with self._lock:
+    with self._changed:
       missing = cells - self._compiled
-      self._queued = [(c, f) for c, f in self._queued if not f.done()]
+      self._queued = [p for p in self._queued if not p.future.done()]
       needed = []
-      for queued_cells, future in self._queued:  # the earliest pass compiling each cell
-        if queued_cells & missing:
-          needed.append(future)
-          missing -= queued_cells
+      for queued in self._queued:  # the earliest pass compiling each cell
+        if queued.cells & missing:
+          needed.append(queued.future)
+          missing -= queued.cells
     if needed:
       start = time.perf_counter()
       concurrent.futures.wait(needed)
       self.seconds_waited += time.perf_counter() - start
-    with self._lock:
+    with self._changed:
       self._compiled |= cells  # the step compiles whatever is still missing
 
   def __enter__(self) -> "Precompiler":
@@ -178,8 +212,12 @@ class Precompiler:
 
   def close(self) -> None:
     """Drop passes not yet started (one already running finishes in the background)."""
-    if self._pool is not None:
-      self._pool.shutdown(wait=False, cancel_futures=True)
-      self._pool = None
-      with self._lock:
-        self._queued = []
+    with self._changed:
+      for queued in (*self._waited_for, *self._covering):
+        queued.future.cancel()
+      self._waited_for.clear()
+      self._covering.clear()
+      self._queued = []
+      self._workers = []
+      self._generation += 1
+      self._changed.notify_all()

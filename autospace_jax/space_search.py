@@ -10,6 +10,7 @@ is the top-K cells per layer: `learned_space.config` (official format) and
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -149,6 +150,10 @@ class SpaceSearch:
                       ) -> supernet.TrainState:
     """Write α back, then select, mutate and swap in K new cells in every layer."""
     alpha = np.asarray(jax.device_get(state.alpha), np.float64)
+    return self.trainer.reset_alpha(state, self._evolve(run, alpha))
+
+  def _evolve(self, run: SpaceRun, alpha: np.ndarray) -> np.ndarray:
+    """`evolution_round` on the host with this α; returns the new cells' α."""
     epoch = self.evolution_epoch(run.step)
     team = evolution.team_size_at(epoch, self.cfg.team_sizes, self.cfg.evolution_epochs)
     reference_active = epoch < self.cfg.reference_stop_epoch
@@ -164,7 +169,19 @@ class SpaceSearch:
     run.alpha_steps_since_round = 0
     run.history.append({"step": run.step, "epoch": epoch, "team_size": team,
                         "alpha": alpha.tolist()})
-    return self.trainer.reset_alpha(state, new_alpha)
+    return new_alpha
+
+  def precompile_next_round(self, run: SpaceRun, state: supernet.TrainState, batch: dict,
+                            steps_to_round: int) -> None:
+    """Queue passes over the cells the round ``steps_to_round`` steps ahead would swap in
+    if α stayed as it is now (a trial round on a copy, with the round's own random
+    streams), so that they are usually compiled when it does. Only a guess: the run's
+    results never depend on it; the cells it misses compile when first used."""
+    trial = copy.deepcopy(run)
+    trial.step += steps_to_round
+    trial.alpha_steps_since_round += steps_to_round
+    self._evolve(trial, np.asarray(jax.device_get(state.alpha), np.float64))
+    self.precompiler.submit_candidates(state, batch, trial.candidates(), True)
 
   def finish(self, run: SpaceRun, state: supernet.TrainState) -> None:
     """Flush the last α into the populations (once) before ranking."""
@@ -206,12 +223,18 @@ class SpaceSearch:
       if run.step < self.warmup_steps and run.step % f == 0 and run.step:
         self.redraw_warmup_cells(run)
       evolving = run.step >= self.warmup_steps
-      state, metrics = self.train_step(state, run, next(data), evolving)
+      batch = next(data)
+      state, metrics = self.train_step(state, run, batch, evolving)
       run.step += 1
       if evolving:
         run.alpha_steps_since_round += 1
-        if (run.step - self.warmup_steps) % f == 0 and run.step < self.total_steps:
-          state = self.evolution_round(run, state)
+        steps_to_round = -(run.step - self.warmup_steps) % f
+        if run.step + steps_to_round < self.total_steps:
+          if not steps_to_round:
+            state = self.evolution_round(run, state)
+          # Guesses at the next round's cells, from α early in the interval and later.
+          elif self.config.precompile_threads and steps_to_round in (f - 1, f // 2, f // 4):
+            self.precompile_next_round(run, state, batch, steps_to_round)
       bar.update(run.step, metrics)
       if self.writer is not None and run.step % self.config.log_every_steps == 0:
         self.writer.write_scalars(run.step, {k: float(v) for k, v in metrics.items()},
@@ -234,8 +257,9 @@ class SpaceSearch:
       self.precompiler.submit(state, batch, run.candidates(), [0] * len(self.shapes), True)
     all_genomes = list(genome_lib.all_genomes(self.cfg.codes))
     self.precompiler.submit_covering(
-        state, batch, [[g for g in all_genomes if self._feasible(layer, False)(g)]
-                       for layer in range(len(self.shapes))], self.cfg.num_cells)
+        state, batch, run.candidates(),
+        [[g for g in all_genomes if self._feasible(layer, False)(g)]
+         for layer in range(len(self.shapes))])
 
   def step_path(self, state, run: SpaceRun, evolving: bool) -> list[int]:
     """The path the step at ``run.step`` samples (from α when evolving, else uniform)."""

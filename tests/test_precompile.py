@@ -1,6 +1,7 @@
 """Background precompiling: the programs a step needs are compiled before it runs, the loop
 waits only for what its path needs, and results do not depend on it."""
 
+import copy
 import json
 import logging
 import os
@@ -8,9 +9,11 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 
 from autospace_jax import genome as genome_lib
@@ -138,13 +141,24 @@ def test_covering_cells_make_every_call_any_genome_makes():
   assert made == set().union(*(supernet.cell_calls(g) for g in genomes))
 
 
-def test_covering_paths_give_every_layer_its_covering_cells():
+def test_covering_passes_compile_one_layers_covering_cell_each_the_best_cells_first():
   layers = [[genome_lib.irb(3, 6), genome_lib.irb(5, 3), ATTENTION_CELL],
             [genome_lib.irb(3, 6)]]
-  paths = precompile.covering_paths(layers)
-  assert all(len(p) == 2 for p in paths)
-  for i, genomes in enumerate(layers):
-    assert {p[i] for p in paths} == set(precompile.covering_cells(genomes))
+  candidates = [[genome_lib.irb(7, 6)] * 2, [genome_lib.irb(7, 3)] * 2]
+  trainer = RecordingTrainer(with_candidates=True)
+  precompiler = precompile.Precompiler(trainer.compile_path, threads=1)
+  precompiler.submit_covering(None, None, candidates, layers)
+  deadline = time.monotonic() + 30
+  covers = [precompile.covering_cells(genomes) for genomes in layers]
+  while len(trainer.paths) < sum(map(len, covers)) and time.monotonic() < deadline:
+    time.sleep(0.01)
+  precompiler.close()
+  passes = [cells for cells, _, _ in trainer.paths]
+  assert {p[0][0] for p in passes if p[1] == candidates[1]} == set(covers[0])
+  assert {p[1][0] for p in passes if p[0] == candidates[0]} == set(covers[1])
+  assert all(len(set(ops)) == 1 for p in passes for ops in p)  # one cell per layer
+  assert passes[0][0][0] == covers[0][0] and passes[1][1][0] == covers[1][0]
+  assert all(path == [0, 0] and alpha for _, path, alpha in trainer.paths)
 
 
 class BlockingTrainer:
@@ -217,11 +231,13 @@ def test_a_failed_pass_is_logged_and_the_step_compiles_for_itself(caplog):
 class RecordingTrainer:
   """Stands in for the trainer to record which paths passes were queued for."""
 
-  def __init__(self):
+  def __init__(self, with_candidates=False):
     self.paths = []
+    self.with_candidates = with_candidates
 
   def compile_path(self, state, batch, candidates, path, train_alpha):
-    self.paths.append((list(path), train_alpha))
+    self.paths.append((candidates, list(path), train_alpha) if self.with_candidates
+                      else (list(path), train_alpha))
 
 
 def test_candidate_passes_together_compile_every_candidate_of_every_layer():
@@ -286,3 +302,25 @@ def test_a_warming_up_stage_one_also_queues_alphas_programs_before_covering_path
   warmup_passes = 1 + search.cfg.num_cells
   assert [a for _, a in trainer.paths[:warmup_passes]] == [False] * warmup_passes
   assert trainer.paths[warmup_passes] == ([0] * len(search.shapes), True)
+
+
+def test_a_trial_round_queues_the_cells_the_round_swaps_in_if_alpha_stays(tmp_path):
+  search = space_search.SpaceSearch(tiny_config(), str(tmp_path))
+  trainer = RecordingTrainer(with_candidates=True)
+  search.precompiler = precompile.Precompiler(trainer.compile_path, threads=1)
+  run = search.initial_run()
+  run.step, run.alpha_steps_since_round = search.warmup_steps + 1, 1
+  state = search.trainer.init(0, search.cfg.num_cells)
+  state = state.replace(alpha=np.random.default_rng(0).normal(size=state.alpha.shape))
+  before = copy.deepcopy(run)
+  search.precompile_next_round(run, state, None, steps_to_round=2)
+  assert run.to_json() == before.to_json()  # the trial round ran on a copy
+  run.step, run.alpha_steps_since_round = run.step + 2, 3
+  search.evolution_round(run, state)
+  cells = run.candidates()
+  for j in range(search.cfg.num_cells):
+    search.precompiler.wait_for(cells, [j] * len(cells), True)
+  search.precompiler.close()
+  queued = {(i, g) for candidates, path, alpha in trainer.paths
+            for i, (ops, c) in enumerate(zip(candidates, path)) if alpha for g in [ops[c]]}
+  assert queued == {(i, g) for i, ops in enumerate(cells) for g in ops}
