@@ -25,6 +25,8 @@ import concurrent.futures
 import copy
 import dataclasses
 import functools
+import logging
+import os
 import threading
 from typing import Any, Callable, Sequence
 
@@ -33,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from autospace_jax import cells
 from autospace_jax import genome as genome_lib
@@ -446,12 +449,14 @@ class PathRun:
   tape: list = dataclasses.field(default_factory=list)
   compile_only: bool = False
   optimizer: EntryOptimizer | None = None
+  compiles: list = dataclasses.field(default_factory=list)  # compile-only: queued compiles
 
   def call(self, program: Callable, *args: Any, **static: Any) -> Any:
     """Run a jitted program; in a compile-only pass, compile it (jit's caches keep the
-    executable for the real call) and return the shapes of its outputs instead."""
+    executable for the real call) and return the shapes of its outputs instead (the
+    compile may still be running: see `compiles`)."""
     if self.compile_only:
-      return _compile_once(program, args, static)
+      return _compile_once(program, args, static, self.compiles)
     return program(*args, **static)
 
   def call_vjp(self, program: Callable, *args: Any, **static: Any) -> tuple:
@@ -503,33 +508,88 @@ class PathRun:
     return leaves
 
 
-_compiled_outputs: dict[tuple, concurrent.futures.Future] = {}
-_compiled_outputs_lock = threading.Lock()
+@dataclasses.dataclass
+class _Compiling:
+  """A program's output shapes, known once it is lowered, and its compile."""
+
+  outputs: concurrent.futures.Future = dataclasses.field(
+      default_factory=concurrent.futures.Future)
+  compiled: concurrent.futures.Future = dataclasses.field(
+      default_factory=concurrent.futures.Future)
 
 
-def _compile_once(program: Callable, args: tuple, static: dict) -> Any:
-  """Compile ``program`` for these arguments' shapes and shardings and return its output
-  shapes; a program another compile-only pass compiles (or compiled) is waited for.
-  Static arguments must be passed by keyword (positional ones are keyed by type only)."""
+_compilations: dict[tuple, _Compiling] = {}
+_compilations_lock = threading.Lock()
+# XLA compiles release the GIL: while they run, a pass traces and lowers its next programs.
+_compiler = concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1, "autospace-compile")
+
+
+def _compile_once(program: Callable, args: tuple, static: dict,
+                  compiles: list[concurrent.futures.Future]) -> Any:
+  """Lower ``program`` for these arguments' shapes and shardings, queue its compile (added
+  to ``compiles``) and return its output shapes; a program another compile-only pass
+  compiles (or compiled) is not compiled again. Static arguments must be passed by keyword
+  (positional ones are keyed by type only)."""
   signature = tuple((a.shape, a.dtype, getattr(a, "weak_type", False),
                      getattr(a, "sharding", None)) if hasattr(a, "shape") else type(a)
                     for a in jax.tree.leaves(args))
   key = (program, jax.tree.structure(args), signature, tuple(sorted(static.items())))
-  with _compiled_outputs_lock:
-    future = _compiled_outputs.get(key)
-    compiling_here = future is None
+  with _compilations_lock:
+    compiling = _compilations.get(key)
+    compiling_here = compiling is None
     if compiling_here:
-      future = _compiled_outputs[key] = concurrent.futures.Future()
+      compiling = _compilations[key] = _Compiling()
   if compiling_here:
     try:
-      future.set_result(program.lower(*args, **static).compile().out_info)
+      lowered = program.lower(*args, **static)
+      outputs = _outputs_before_compiling(lowered, args)
+      if outputs is None:
+        outputs = lowered.compile().out_info
+        compiling.compiled.set_result(None)
+      else:
+        _compiler.submit(_compile, lowered, outputs, key, compiling)
+      compiling.outputs.set_result(outputs)
     except BaseException as error:
-      with _compiled_outputs_lock:
-        del _compiled_outputs[key]
-      future.set_exception(error)
+      _failed(key, compiling, error)
+  compiles.append(compiling.compiled)
   # Fresh leaves for every call: the tape tells activations apart by identity, and two
   # calls of one program (two identical edges from one node) must not share outputs.
-  return jax.tree.map(copy.copy, future.result())
+  return jax.tree.map(copy.copy, compiling.outputs.result())
+
+
+def _outputs_before_compiling(lowered: Any, args: tuple) -> Any | None:
+  """A lowered program's output shapes where they are known before it compiles: on one
+  device every output is replicated. On a mesh XLA's sharding propagation decides their
+  shardings, so they are known once it has compiled (None)."""
+  mesh = next((a.sharding.mesh for a in jax.tree.leaves(args)
+               if isinstance(getattr(a, "sharding", None), NamedSharding)), None)
+  if mesh is None or mesh.size != 1:
+    return None
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return jax.tree.map(lambda o: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=replicated,
+                                                     weak_type=o.weak_type),
+                      lowered.out_info)
+
+
+def _compile(lowered: Any, outputs: Any, key: tuple, compiling: _Compiling) -> None:
+  try:
+    compiled_outputs = lowered.compile().out_info
+  except BaseException as error:
+    _failed(key, compiling, error)
+    return
+  if ([o.sharding for o in jax.tree.leaves(compiled_outputs)]
+      != [o.sharding for o in jax.tree.leaves(outputs)]):
+    logging.warning("%s: output shardings differ from those its pass assumed; steps "
+                    "will compile their own copy", getattr(key[0], "__name__", key[0]))
+  compiling.compiled.set_result(None)
+
+
+def _failed(key: tuple, compiling: _Compiling, error: BaseException) -> None:
+  with _compilations_lock:
+    del _compilations[key]
+  for future in (compiling.outputs, compiling.compiled):
+    if not future.done():
+      future.set_exception(error)
 
 
 # Sums cotangents that reach one source from several consumers (arrays or param trees).
@@ -871,6 +931,8 @@ class SupernetTrainer:
     if train_alpha and update_weights:
       run.call(self._alpha_update, state.alpha, state.alpha_opt_state,
                self._alpha_grad(state, leaves, metrics["loss"], None))
+    for compiled in concurrent.futures.as_completed(run.compiles):
+      compiled.result()  # raises if a compile failed
 
   def _entry_optimizer(self, state: TrainState) -> tuple[EntryOptimizer, jax.Array]:
     """The step's `EntryOptimizer`, and the step count after it."""
