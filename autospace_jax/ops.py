@@ -61,19 +61,25 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Arra
 def _taps(padded: jax.Array, kernel: jax.Array, stride: int, out_h: int, out_w: int
           ) -> jax.Array:
   """sum over (i, j) of kernel[i, j] times ``padded`` shifted by (i, j), strided: one fused
-  loop over the output."""
+  loop over the output. Written with static `lax.slice`s: k^2 jnp indexing operations made
+  these the slowest programs to trace."""
+  b, _, _, c = padded.shape
   k = kernel.shape[0]
+  weights = kernel.reshape(k * k, c)
   out = None
-  for i in range(k):
-    for j in range(k):
-      tap = _window(padded, i, j, stride, out_h, out_w) * kernel[i, j]
-      out = tap if out is None else out + tap
+  for tap in range(k * k):
+    i, j = divmod(tap, k)
+    window = lax.slice(padded, (0, i, j, 0),
+                       (b, i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1, c),
+                       (1, stride, stride, 1))
+    term = window * lax.index_in_dim(weights, tap, keepdims=False)
+    out = term if out is None else out + term
   return out
 
 
-def _window(padded: jax.Array, i: Any, j: Any, stride: int, out_h: int, out_w: int
-            ) -> jax.Array:
-  """The pixels tap (i, j) reads for each output pixel; (i, j) may be traced."""
+def _window(padded: jax.Array, i: jax.Array, j: jax.Array, stride: int, out_h: int,
+            out_w: int) -> jax.Array:
+  """The pixels tap (i, j) reads for each output pixel, for a traced (i, j)."""
   b, _, _, c = padded.shape
   window = lax.dynamic_slice(padded, (0, i, j, 0),
                              (b, (out_h - 1) * stride + 1, (out_w - 1) * stride + 1, c))
