@@ -266,29 +266,33 @@ class ArchSearch:
     step, state, _ = ckpt.restore_or_init(self._init_state, self.parallel,
                                           f"search {self.workdir}")
     hosts = {"process_index": jax.process_index(), "process_count": jax.process_count()}
-    data = input_pipeline.make_iterator(self.config.data, "search_train",
-                                        self.cfg.batch_size, seed=self.config.seed,
-                                        start_step=step, **hosts)
-    held_out = input_pipeline.make_iterator(self.config.data, "search_val",
-                                            self.cfg.batch_size, seed=self.config.seed,
-                                            start_step=self.alpha_steps_before(step), **hosts)
     with self.precompiler:
+      self.precompile(state, step)  # compiling starts while the data pipelines do
+      data = input_pipeline.make_iterator(self.config.data, "search_train",
+                                          self.cfg.batch_size, seed=self.config.seed,
+                                          start_step=step, **hosts)
+      held_out = input_pipeline.make_iterator(
+          self.config.data, "search_val", self.cfg.batch_size, seed=self.config.seed,
+          start_step=self.alpha_steps_before(step), **hosts)
       state = self._train(state, step, data, held_out, ckpt)
     ckpt.wait()
     ckpt.close()
     return self.write_outputs(np.asarray(jax.device_get(state.alpha), np.float64))
 
+  def precompile(self, state: supernet.TrainState, step: int) -> None:
+    """Queue the compiling of every candidate for the weight steps from ``step`` on, then
+    for α steps if any are to come."""
+    if step < self.total_steps:
+      batch = input_pipeline.placeholder_batch(self.config.data, self.cfg.batch_size,
+                                               jax.process_count())
+      self.precompiler.submit_candidates(state, batch, self.candidates, False)
+      if self.alpha_steps_before(self.total_steps) > self.alpha_steps_before(step):
+        self.precompiler.submit_candidates(state, batch, self.candidates, True)
+
   def _train(self, state: supernet.TrainState, step: int, data: Iterator[dict],
              held_out: Iterator[dict], ckpt: checkpointing.Checkpointer
              ) -> supernet.TrainState:
-    """The search loop from ``step`` on, after queueing the compiling of every candidate
-    (for weight steps, then for α steps if any are to come)."""
-    if step < self.total_steps:
-      batch, data = precompile.first_batch(data)
-      self.precompiler.submit_candidates(state, batch, self.candidates, False)
-      if self.alpha_steps_before(self.total_steps) > self.alpha_steps_before(step):
-        batch, held_out = precompile.first_batch(held_out)
-        self.precompiler.submit_candidates(state, batch, self.candidates, True)
+    """The search loop from ``step`` on."""
     bar = progress.Bar(self.total_steps, f"search {self.space_name} {self.target.tag}",
                        initial=step)
     held_out_loss = None  # of the latest α step, logged with the weight steps' metrics

@@ -167,6 +167,17 @@ def make_iterator(data_config: Any, split: str, global_batch_size: int, *, seed:
                         process_index, process_count)
 
 
+def placeholder_batch(data_config: Any, global_batch_size: int,
+                      process_count: int = 1) -> dict[str, np.ndarray]:
+  """Zeros with the shapes and dtypes of this host's training batches (the module
+  docstring's contract), built without reading any data: stages compile their programs
+  for these while the data pipeline starts."""
+  _check_batch(global_batch_size, process_count)
+  size, local_batch = _image_size(data_config), global_batch_size // process_count
+  return {"image": np.zeros((local_batch, size, size, 3), np.float32),
+          "label": np.zeros((local_batch,), np.int32)}
+
+
 def _check_split(split: str) -> None:
   if split not in SPLITS:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")

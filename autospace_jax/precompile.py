@@ -20,7 +20,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
-import itertools
 import logging
 import threading
 import time
@@ -51,13 +50,6 @@ def covering_cells(genomes: Sequence[supernet.Op]) -> list[supernet.Op]:
     chosen.append(best)
     uncovered -= calls[best]
   return chosen
-
-
-def first_batch(data: Iterator[dict]) -> tuple[dict, Iterator[dict]]:
-  """The next batch, and the iterator with it put back: passes need a batch's shapes
-  before the first step takes it."""
-  batch = next(data)
-  return batch, itertools.chain([batch], data)
 
 
 @dataclasses.dataclass(eq=False)

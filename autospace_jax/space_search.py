@@ -200,11 +200,14 @@ class SpaceSearch:
     ckpt = checkpointing.Checkpointer(os.path.join(self.workdir, "checkpoints"),
                                       self.config.checkpoint.max_to_keep)
     state, run = self._restore_or_init(ckpt)
-    data = input_pipeline.make_iterator(
-        self.config.data, "search_train", self.cfg.batch_size, seed=self.config.seed,
-        start_step=run.step, process_index=jax.process_index(),
-        process_count=jax.process_count())
     with self.precompiler:
+      if run.step < self.total_steps:  # compiling starts while the data pipeline does
+        self.precompile(state, run, input_pipeline.placeholder_batch(
+            self.config.data, self.cfg.batch_size, jax.process_count()))
+      data = input_pipeline.make_iterator(
+          self.config.data, "search_train", self.cfg.batch_size, seed=self.config.seed,
+          start_step=run.step, process_index=jax.process_index(),
+          process_count=jax.process_count())
       state = self._train(state, run, data, ckpt)
     ckpt.wait()
     ckpt.close()
@@ -214,9 +217,6 @@ class SpaceSearch:
   def _train(self, state: supernet.TrainState, run: SpaceRun, data: Iterator[dict],
              ckpt: checkpointing.Checkpointer) -> supernet.TrainState:
     """The training loop from ``run.step`` on: steps, evolution rounds, checkpoints."""
-    if run.step < self.total_steps:
-      batch, data = precompile.first_batch(data)
-      self.precompile(state, run, batch)
     bar = progress.Bar(self.total_steps, "space", initial=run.step)
     f = self.cfg.mutation_interval
     while run.step < self.total_steps:

@@ -174,3 +174,26 @@ def test_imagenet_mock_batches(tfds_mock):
   assert np.isfinite(train["image"]).all()
   assert [b["mask"].tolist() for b in evals] == [[1, 1, 1, 1], [1, 1, 0, 0]]
   assert evals[0]["image"].shape == (4, 64, 64, 3)
+
+
+def assert_placeholder_matches(config, batch, global_batch_size, process_count=1):
+  placeholder = input_pipeline.placeholder_batch(config, global_batch_size, process_count)
+  assert {k: (v.shape, v.dtype) for k, v in placeholder.items()} == {
+      k: (batch[k].shape, batch[k].dtype) for k in ("image", "label")}
+
+
+@pytest.mark.parametrize("process_count", [1, 2])
+def test_the_placeholder_batch_has_the_shapes_and_dtypes_of_digits_batches(process_count):
+  config = data_config("digits", image_size=24)
+  batch = next(input_pipeline.make_iterator(config, "search_train", 16, seed=0,
+                                            process_count=process_count))
+  assert_placeholder_matches(config, batch, 16, process_count)
+
+
+@pytest.mark.parametrize("name,image_size", [("cifar10", 32), ("imagenet2012", 64)])
+def test_the_placeholder_batch_has_the_shapes_and_dtypes_of_tfds_batches(
+    tfds_mock, name, image_size):
+  config = data_config(name, image_size=image_size, shuffle_buffer=8)
+  with tfds_mock(40):
+    batch = next(input_pipeline.make_iterator(config, "search_train", 8, seed=0))
+  assert_placeholder_matches(config, batch, 8)

@@ -252,12 +252,6 @@ def test_candidate_passes_together_compile_every_candidate_of_every_layer():
   assert sorted(trainer.paths) == [([0, 0], True), ([1, 0], True), ([2, 0], True)]
 
 
-def test_first_batch_puts_the_batch_back_for_the_first_step():
-  batch, data = precompile.first_batch(iter([{"step": 0}, {"step": 1}]))
-  assert batch == {"step": 0}
-  assert list(data) == [{"step": 0}, {"step": 1}]
-
-
 def test_no_threads_means_no_passes():
   trainer = BlockingTrainer()
   precompiler = precompile.Precompiler(trainer.compile_path, threads=0)
