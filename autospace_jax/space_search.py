@@ -219,12 +219,15 @@ class SpaceSearch:
     """The training loop from ``run.step`` on: steps, evolution rounds, checkpoints."""
     bar = progress.Bar(self.total_steps, "space", initial=run.step)
     f = self.cfg.mutation_interval
+    first_step = run.step
     while run.step < self.total_steps:
       if run.step < self.warmup_steps and run.step % f == 0 and run.step:
         self.redraw_warmup_cells(run)
       evolving = run.step >= self.warmup_steps
       batch = next(data)
       state, metrics = self.train_step(state, run, batch, evolving)
+      if run.step == first_step:
+        self.precompile_covering(state, run, batch)
       run.step += 1
       if evolving:
         run.alpha_steps_since_round += 1
@@ -246,15 +249,20 @@ class SpaceSearch:
 
   def precompile(self, state: supernet.TrainState, run: SpaceRun, batch: dict) -> None:
     """Queue the compiling of the first step's own path (it waits for that pass alone),
-    of every current candidate (the next steps wait for these), of α's programs if the
-    run is still warming up, then of paths covering every program a feasible cell can
-    call (so later cells find theirs compiled)."""
+    of every current candidate (the next steps wait for these), and of α's programs if
+    the run is still warming up."""
     evolving = run.step >= self.warmup_steps
     self.precompiler.submit(state, batch, run.candidates(),
                             self.step_path(state, run, evolving), evolving)
     self.precompiler.submit_candidates(state, batch, run.candidates(), evolving)
     if not evolving:  # what the first evolving step adds: α's gates and update
       self.precompiler.submit(state, batch, run.candidates(), [0] * len(self.shapes), True)
+
+  def precompile_covering(self, state: supernet.TrainState, run: SpaceRun, batch: dict
+                          ) -> None:
+    """Queue passes covering every program a feasible cell can call, so that later cells
+    find theirs compiled. Queued once the first step has run: until then their tracing
+    would only compete for the GIL with the loop building its data pipeline."""
     all_genomes = list(genome_lib.all_genomes(self.cfg.codes))
     self.precompiler.submit_covering(
         state, batch, run.candidates(),

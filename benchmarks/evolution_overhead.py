@@ -3,8 +3,10 @@
 Runs the default config's stage 1 (>= 10 mutation rounds at f = 40) and prints, last:
   compile_stall_fraction=<x> step_ratio=<y> evolution_ms=<z>
 x: share of the stage's wall time the training loop spent blocked on tracing, lowering or
-   compiling: its own (jax.monitoring, main thread) plus its waits for the background
-   precompile threads (`config.precompile_threads`), whose work overlaps training;
+   compiling: its own (jax.monitoring, main thread), its waits for the background
+   precompile threads (`config.precompile_threads`), whose work overlaps training, and,
+   before its first step, the time its thread could not run (wall minus its CPU time:
+   it builds the state and the data pipeline while the passes' tracing holds the GIL);
 y: supernet step time over the step time of a static single-path net (`cells.Net`, one
    jitted program, compiled with the options stage 3 uses) running the same sampled cells
    on the same batch (each step puts it on the devices, as stages 1 and 3 do);
@@ -66,9 +68,24 @@ def stage1_stall(workdir: str) -> tuple[float, space_search.SpaceSearch, float]:
   # Rounds run at every f-th evolving step before the last one.
   rounds = (search.total_steps - search.warmup_steps - 1) // config.space.mutation_interval
   clock = CompileClock()
+  # Until the first step, the loop's thread builds the state and the data pipeline while
+  # the passes run: it is starved of the GIL (held by their tracing) rather than waiting
+  # in `wait_for`, so the time it could not run then counts as blocked too.
+  startup = {}
 
   def blocked() -> float:
-    return clock.main_seconds + search.precompiler.seconds_waited
+    return (clock.main_seconds + search.precompiler.seconds_waited
+            + startup.get("starved", 0.0))
+
+  def first_step_starts(method):
+    def call(*args, **kwargs):
+      if not startup:
+        wall_then = time.perf_counter() - start
+        startup.update(wall=wall_then, starved=max(
+            wall_then - (time.thread_time() - cpu_start) - search.precompiler.seconds_waited,
+            0.0))
+      return method(*args, **kwargs)
+    return call
 
   marks = {}  # (wall, blocked) when the first step and the first mutation round end
 
@@ -79,15 +96,17 @@ def stage1_stall(workdir: str) -> tuple[float, space_search.SpaceSearch, float]:
       return out
     return call
 
-  search.train_step = marked("step", search.train_step)
+  search.train_step = marked("step", first_step_starts(search.train_step))
   search.evolution_round = marked("round", search.evolution_round)
-  start = time.perf_counter()
+  start, cpu_start = time.perf_counter(), time.thread_time()
   search.run()
   wall = time.perf_counter() - start
   print(f"stage 1: {search.total_steps} steps, {rounds} mutation rounds, {wall:.1f}s wall; "
         f"training loop blocked {blocked():.1f}s (tracing/compiling {clock.main_seconds:.1f}s, "
-        f"waiting for precompile threads {search.precompiler.seconds_waited:.1f}s); "
-        f"precompile threads traced/compiled {clock.background_seconds:.1f}s")
+        f"waiting for precompile threads {search.precompiler.seconds_waited:.1f}s, "
+        f"starved of the GIL before the first step {startup['starved']:.1f}s of "
+        f"{startup['wall']:.1f}s); precompile threads traced/compiled "
+        f"{clock.background_seconds:.1f}s")
   round_wall, round_blocked = marks["round"]
   print(f"first step done at {marks['step'][0]:.1f}s ({marks['step'][1]:.1f}s blocked); "
         f"from the first mutation round on: blocked {blocked() - round_blocked:.1f}s of "

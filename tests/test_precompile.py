@@ -284,7 +284,7 @@ def test_stage_one_queues_the_first_steps_own_path_before_the_candidates(tmp_pat
   assert trainer.paths[0] == (first_path, False)
 
 
-def test_a_warming_up_stage_one_also_queues_alphas_programs_before_covering_paths(tmp_path):
+def test_a_warming_up_stage_one_also_queues_alphas_programs_after_the_candidates(tmp_path):
   search = space_search.SpaceSearch(tiny_config(), str(tmp_path))
   trainer = RecordingTrainer()
   search.precompiler = precompile.Precompiler(trainer.compile_path, threads=1)
