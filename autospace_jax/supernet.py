@@ -544,11 +544,11 @@ def _compile_once(program: Callable, args: tuple, static: dict,
       lowered = program.lower(*args, **static)
       outputs = _outputs_before_compiling(lowered, args)
       if outputs is None:
-        outputs = lowered.compile().out_info
+        compiling.outputs.set_result(lowered.compile().out_info)
         compiling.compiled.set_result(None)
       else:
+        compiling.outputs.set_result(outputs)
         _compiler.submit(_compile, lowered, outputs, key, compiling)
-      compiling.outputs.set_result(outputs)
     except BaseException as error:
       _failed(key, compiling, error)
   compiles.append(compiling.compiled)
@@ -585,8 +585,9 @@ def _compile(lowered: Any, outputs: Any, key: tuple, compiling: _Compiling) -> N
 
 
 def _failed(key: tuple, compiling: _Compiling, error: BaseException) -> None:
+  """Fail the compile's futures and forget it, so that a later pass tries again."""
   with _compilations_lock:
-    del _compilations[key]
+    _compilations.pop(key, None)
   for future in (compiling.outputs, compiling.compiled):
     if not future.done():
       future.set_exception(error)

@@ -318,3 +318,36 @@ def test_a_trial_round_queues_the_cells_the_round_swaps_in_if_alpha_stays(tmp_pa
   queued = {(i, g) for candidates, path, alpha in trainer.paths
             for i, (ops, c) in enumerate(zip(candidates, path)) if alpha for g in [ops[c]]}
   assert queued == {(i, g) for i, ops in enumerate(cells) for g in ops}
+
+
+class FailingProgram:
+  """Lowers, then fails to compile: what the compile pool must report, not cache."""
+
+  def __init__(self):
+    self.lowerings = 0
+
+  def lower(self, x):
+    self.lowerings += 1
+    program = self
+
+    class Lowered:
+      out_info = jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+      def compile(self):
+        raise RuntimeError(f"compile {program.lowerings} failed")
+
+    return Lowered()
+
+
+def test_a_compile_that_fails_on_the_pool_fails_its_pass_and_a_later_pass_tries_again():
+  one_device = jax.sharding.Mesh(jax.devices()[:1], ("data",))
+  x = jax.device_put(np.zeros(3, np.float32), jax.sharding.NamedSharding(
+      one_device, jax.sharding.PartitionSpec()))
+  program = FailingProgram()
+  for attempt in (1, 2):
+    compiles = []
+    out = supernet._compile_once(program, (x,), {}, compiles)  # pylint: disable=protected-access
+    assert out.shape == (3,)  # known before the compile: a pass goes on tracing
+    with pytest.raises(RuntimeError, match=f"compile {attempt} failed"):
+      compiles[0].result(timeout=30)
+  assert program.lowerings == 2
