@@ -10,9 +10,10 @@ computations do, none with a collective, so the passes are safe on any mesh and 
 host), on worker threads. Passes the loop waits for (each step only for the earliest pass
 over each of its cells) come first: the first step's own path, one path through each of
 the current candidates, and in stage 1 the cells each coming evolution round is likely to
-bring in (`SpaceSearch.precompile_next_round`). Covering passes for stage 1's later cells
-run when those are done: together they make every program call a feasible cell of each
-layer can make. Used as a context manager, it drops unstarted passes on exit.
+bring in (`SpaceSearch.precompile_next_round`). Covering passes for stage 1's later cells,
+queued after its first step, run when none of those is queued: together they make every
+program call a feasible cell of each layer can make. Used as a context manager, it drops
+unstarted passes on exit.
 """
 
 from __future__ import annotations

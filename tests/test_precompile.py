@@ -271,12 +271,16 @@ def test_stage_one_learns_the_same_space_with_and_without_precompile_threads(tmp
   assert outputs[0] == outputs[1]
 
 
-def test_stage_one_queues_the_first_steps_own_path_before_the_candidates(tmp_path):
+def recorded_stage_one(tmp_path, with_candidates=False):
+  """A tiny stage 1 whose precompiler records its passes: (search, trainer, run, state)."""
   search = space_search.SpaceSearch(tiny_config(), str(tmp_path))
-  trainer = RecordingTrainer()
+  trainer = RecordingTrainer(with_candidates)
   search.precompiler = precompile.Precompiler(trainer.compile_path, threads=1)
-  run = search.initial_run()
-  state = search.trainer.init(0, search.cfg.num_cells)
+  return search, trainer, search.initial_run(), search.trainer.init(0, search.cfg.num_cells)
+
+
+def test_stage_one_queues_the_first_steps_own_path_before_the_candidates(tmp_path):
+  search, trainer, run, state = recorded_stage_one(tmp_path)
   first_path = search.step_path(state, run, False)
   search.precompile(state, run, None)
   search.precompiler.wait_for(run.candidates(), first_path, False)
@@ -285,11 +289,7 @@ def test_stage_one_queues_the_first_steps_own_path_before_the_candidates(tmp_pat
 
 
 def test_a_warming_up_stage_one_also_queues_alphas_programs_after_the_candidates(tmp_path):
-  search = space_search.SpaceSearch(tiny_config(), str(tmp_path))
-  trainer = RecordingTrainer()
-  search.precompiler = precompile.Precompiler(trainer.compile_path, threads=1)
-  run = search.initial_run()
-  state = search.trainer.init(0, search.cfg.num_cells)
+  search, trainer, run, state = recorded_stage_one(tmp_path)
   search.precompile(state, run, None)
   search.precompiler.wait_for(run.candidates(), [0] * len(search.shapes), True)
   search.precompiler.close()
@@ -299,12 +299,8 @@ def test_a_warming_up_stage_one_also_queues_alphas_programs_after_the_candidates
 
 
 def test_a_trial_round_queues_the_cells_the_round_swaps_in_if_alpha_stays(tmp_path):
-  search = space_search.SpaceSearch(tiny_config(), str(tmp_path))
-  trainer = RecordingTrainer(with_candidates=True)
-  search.precompiler = precompile.Precompiler(trainer.compile_path, threads=1)
-  run = search.initial_run()
+  search, trainer, run, state = recorded_stage_one(tmp_path, with_candidates=True)
   run.step, run.alpha_steps_since_round = search.warmup_steps + 1, 1
-  state = search.trainer.init(0, search.cfg.num_cells)
   state = state.replace(alpha=np.random.default_rng(0).normal(size=state.alpha.shape))
   before = copy.deepcopy(run)
   search.precompile_next_round(run, state, None, steps_to_round=2)
