@@ -168,6 +168,9 @@ class Precompiler:
   def _run(self, queued: _Pass) -> None:
     try:
       self._compile_pass(*queued.args)
+    except concurrent.futures.CancelledError as error:  # a Precompiler closed
+      queued.future.set_exception(error)
+      return
     except Exception as error:  # pylint: disable=broad-except
       # The step that needs these programs compiles them itself (and raises if it fails).
       logging.warning("precompiling a supernet path failed: %r", error)
@@ -204,7 +207,9 @@ class Precompiler:
     self.close()
 
   def close(self) -> None:
-    """Drop passes not yet started (one already running finishes in the background)."""
+    """Drop passes not yet started, stop running ones at their next program and drop their
+    compiles not yet started (`supernet.cancel_queued_compiles`)."""
+    supernet.cancel_queued_compiles()
     with self._changed:
       for queued in (*self._waited_for, *self._covering):
         queued.future.cancel()

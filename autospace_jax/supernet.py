@@ -450,13 +450,15 @@ class PathRun:
   compile_only: bool = False
   optimizer: EntryOptimizer | None = None
   compiles: list = dataclasses.field(default_factory=list)  # compile-only: queued compiles
+  # Compile-only: `cancel_queued_compiles` calls before this pass began (a later one stops it).
+  cancellations: int = dataclasses.field(default_factory=lambda: _cancellations)
 
   def call(self, program: Callable, *args: Any, **static: Any) -> Any:
     """Run a jitted program; in a compile-only pass, compile it (jit's caches keep the
     executable for the real call) and return the shapes of its outputs instead (the
     compile may still be running: see `compiles`)."""
     if self.compile_only:
-      return _compile_once(program, args, static, self.compiles)
+      return _compile_once(program, args, static, self)
     return program(*args, **static)
 
   def call_vjp(self, program: Callable, *args: Any, **static: Any) -> tuple:
@@ -516,20 +518,36 @@ class _Compiling:
       default_factory=concurrent.futures.Future)
   compiled: concurrent.futures.Future = dataclasses.field(
       default_factory=concurrent.futures.Future)
+  job: concurrent.futures.Future | None = None  # the compile, while queued on the pool
 
 
 _compilations: dict[tuple, _Compiling] = {}
 _compilations_lock = threading.Lock()
+_cancellations = 0  # `cancel_queued_compiles` calls so far
 # XLA compiles release the GIL: while they run, a pass traces and lowers its next programs.
 _compiler = concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1, "autospace-compile")
 
 
-def _compile_once(program: Callable, args: tuple, static: dict,
-                  compiles: list[concurrent.futures.Future]) -> Any:
+def cancel_queued_compiles() -> None:
+  """Stop the compile-only passes begun before now at their next program and drop the
+  compiles still queued on the pool, for a closing `Precompiler`: what they would have
+  compiled compiles when a step (or a later pass) first needs it."""
+  global _cancellations
+  with _compilations_lock:
+    _cancellations += 1
+    cancelled = [(key, compiling) for key, compiling in _compilations.items()
+                 if compiling.job is not None and compiling.job.cancel()]
+  for key, compiling in cancelled:
+    _failed(key, compiling, concurrent.futures.CancelledError())
+
+
+def _compile_once(program: Callable, args: tuple, static: dict, run: PathRun) -> Any:
   """Lower ``program`` for these arguments' shapes and shardings, queue its compile (added
-  to ``compiles``) and return its output shapes; a program another compile-only pass
+  to ``run.compiles``) and return its output shapes; a program another compile-only pass
   compiles (or compiled) is not compiled again. Static arguments must be passed by keyword
   (positional ones are keyed by type only)."""
+  if run.cancellations != _cancellations:
+    raise concurrent.futures.CancelledError()
   signature = tuple((a.shape, a.dtype, getattr(a, "weak_type", False),
                      getattr(a, "sharding", None)) if hasattr(a, "shape") else type(a)
                     for a in jax.tree.leaves(args))
@@ -548,10 +566,10 @@ def _compile_once(program: Callable, args: tuple, static: dict,
         compiling.compiled.set_result(None)
       else:
         compiling.outputs.set_result(outputs)
-        _compiler.submit(_compile, lowered, outputs, key, compiling)
+        compiling.job = _compiler.submit(_compile, lowered, outputs, key, compiling)
     except BaseException as error:
       _failed(key, compiling, error)
-  compiles.append(compiling.compiled)
+  run.compiles.append(compiling.compiled)
   # Fresh leaves for every call: the tape tells activations apart by identity, and two
   # calls of one program (two identical edges from one node) must not share outputs.
   return jax.tree.map(copy.copy, compiling.outputs.result())

@@ -1,6 +1,7 @@
 """Background precompiling: the programs a step needs are compiled before it runs, the loop
 waits only for what its path needs, and results do not depend on it."""
 
+import concurrent.futures
 import copy
 import json
 import logging
@@ -341,9 +342,55 @@ def test_a_compile_that_fails_on_the_pool_fails_its_pass_and_a_later_pass_tries_
       one_device, jax.sharding.PartitionSpec()))
   program = FailingProgram()
   for attempt in (1, 2):
-    compiles = []
-    out = supernet._compile_once(program, (x,), {}, compiles)  # pylint: disable=protected-access
+    run = supernet.PathRun(compile_only=True)
+    out = run.call(program, x)
     assert out.shape == (3,)  # known before the compile: a pass goes on tracing
     with pytest.raises(RuntimeError, match=f"compile {attempt} failed"):
-      compiles[0].result(timeout=30)
+      run.compiles[0].result(timeout=30)
   assert program.lowerings == 2
+
+
+class HeldProgram:
+  """Lowers at once; its compile holds a pool thread until the test releases it."""
+
+  def __init__(self, release):
+    self.release, self.started, self.lowerings = release, threading.Event(), 0
+
+  def lower(self, x):
+    self.lowerings += 1
+    program = self
+
+    class Lowered:
+      out_info = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+
+      def compile(self):
+        program.started.set()
+        program.release.wait(timeout=30)
+        return self
+
+    return Lowered()
+
+
+def test_closing_drops_queued_compiles_and_stops_running_passes_at_their_next_program(
+    monkeypatch):
+  monkeypatch.setattr(supernet, "_compiler", concurrent.futures.ThreadPoolExecutor(1))
+  one_device = jax.sharding.Mesh(jax.devices()[:1], ("data",))
+  x = jax.device_put(np.zeros(3, np.float32), jax.sharding.NamedSharding(
+      one_device, jax.sharding.PartitionSpec()))
+  release = threading.Event()
+  run = supernet.PathRun(compile_only=True)
+  running, queued = HeldProgram(release), HeldProgram(release)
+  run.call(running, x)
+  assert running.started.wait(timeout=30)  # the pool's one thread is busy ...
+  run.call(queued, x)  # ... so this compile waits in its queue
+  precompile.Precompiler(RecordingTrainer().compile_path, threads=1).close()
+  release.set()
+  assert run.compiles[0].result(timeout=30) is None  # a started compile finishes
+  with pytest.raises(concurrent.futures.CancelledError):
+    run.compiles[1].result(timeout=30)
+  with pytest.raises(concurrent.futures.CancelledError):
+    run.call(HeldProgram(release), x)  # the pass began before the close: it stops
+  later = supernet.PathRun(compile_only=True)
+  later.call(queued, x)  # a later pass compiles the dropped program
+  later.compiles[0].result(timeout=30)
+  assert queued.lowerings == 2
