@@ -177,9 +177,9 @@ class SpaceSearch:
     if α stayed as it is now (a trial round on a copy, with the round's own random
     streams), so that they are usually compiled when it does. Only a guess: the run's
     results never depend on it; the cells it misses compile when first used."""
-    trial = copy.deepcopy(run)
-    trial.step += steps_to_round
-    trial.alpha_steps_since_round += steps_to_round
+    # A copy of what a round changes; not the history, which grows every round.
+    trial = SpaceRun(run.step + steps_to_round, copy.deepcopy(run.populations),
+                     copy.deepcopy(run.slots), run.alpha_steps_since_round + steps_to_round)
     self._evolve(trial, np.asarray(jax.device_get(state.alpha), np.float64))
     self.precompiler.submit_candidates(state, batch, trial.candidates(), True)
 
