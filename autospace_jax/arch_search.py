@@ -21,7 +21,7 @@ import functools
 import json
 import logging
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from etils import epath
 import jax
@@ -186,7 +186,8 @@ class ArchSearch:
     self.trainer = supernet.SupernetTrainer(
         self.spec, schedule, self.cfg.weight_decay, self.cfg.momentum,
         supernet.alpha_optimizer(self.cfg.alpha_learning_rate),
-        self.cfg.label_smoothing, self.cfg.estimator, self.parallel, self.mask)
+        self.cfg.label_smoothing, self.cfg.estimator, self.parallel, self.mask,
+        self.cfg.decay_bn_and_bias)
     self.precompiler = precompile.Precompiler(self.compile_pass, config.precompile_threads)
 
   def madds_range(self) -> tuple[int, int]:
@@ -230,12 +231,14 @@ class ArchSearch:
     supernet.check_finite(metrics["loss"], "search", step)
     return state, metrics
 
-  def compile_pass(self, state, batch: dict, candidates, path, alpha_step: bool) -> None:
+  def compile_pass(self, state, batch: dict, candidates, path, alpha_step: bool,
+                   cancelled: Callable[[], bool] | None = None) -> None:
     """What the precompile threads run: the programs of a weight step (`train_step`), or
     of an α step (`loss_and_grads` with plain CE; no weight updates)."""
     self.trainer.compile_path(state, batch, candidates, path, alpha_step,
                               update_weights=not alpha_step,
-                              label_smoothing=0.0 if alpha_step else None)
+                              label_smoothing=0.0 if alpha_step else None,
+                              cancelled=cancelled)
 
   def alpha_update_due(self, step: int) -> bool:
     """Whether an α step follows the weight step that completed ``step`` steps."""

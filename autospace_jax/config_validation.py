@@ -253,6 +253,7 @@ def _check_optimizer(config: ml_collections.ConfigDict, section: str) -> None:
   _number(config, f"{section}.learning_rate", 0, low_open=True)
   _number(config, f"{section}.momentum", 0, 1, high_open=True)
   _number(config, f"{section}.weight_decay", 0)
+  _bool(config, f"{section}.decay_bn_and_bias")
   _number(config, f"{section}.label_smoothing", 0, 1, high_open=True)
 
 

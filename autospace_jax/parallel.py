@@ -32,6 +32,13 @@ class DataParallel:
     return {k: jax.make_array_from_process_local_data(self.batch, np.asarray(v))
             for k, v in local_batch.items()}
 
+  def global_batch_shapes(self, local_batch: dict) -> dict:
+    """The shapes and shardings `global_batch` gives (for compile-only passes): each host
+    holds an equal slice of the global batch."""
+    return {k: jax.ShapeDtypeStruct((v.shape[0] * jax.process_count(), *v.shape[1:]),
+                                    v.dtype, sharding=self.batch)
+            for k, v in local_batch.items()}
+
   def replicate(self, tree: Any) -> Any:
     """Every leaf on every device. A jax.Array not yet replicated goes through host memory:
     `device_put` of an array on one local device onto a mesh that spans other processes

@@ -4,13 +4,13 @@ The supernet runs every op of the sampled cells as its own small jitted program 
 supernet.py): a few hundred programs in all, each compiled the first time its op kind and
 shape is reached (0.05-0.3 s each on XLA:CPU). Rather than stop the training loop for
 each one, a `Precompiler` compiles them ahead, in compile-only passes
-(`SupernetTrainer.compile_path`: the step's programs are lowered and compiled, none of
-them runs; only the batch's copy to the devices and a few local scalar and zeros
-computations do, none with a collective, so the passes are safe on any mesh and on every
-host), on worker threads. Passes the loop waits for (each step only for the earliest pass
-over each of its cells) come first: the first step's own path, one path through each of
-the current candidates, and in stage 1 the cells each coming evolution round is likely to
-bring in (`SpaceSearch.precompile_next_round`). Covering passes for stage 1's later cells,
+(`SupernetTrainer.compile_path`: the step's programs are lowered and compiled from the
+shapes of the state and batch, and nothing runs on the devices, so the passes are safe on
+any mesh and on every host, and a queued pass keeps no device memory alive), on worker
+threads. Passes the loop waits for (each step only for the earliest pass over each of its
+cells) come first: the first step's own path, one path through each of the current
+candidates, and in stage 1 the cells each coming evolution round is likely to bring in
+(`SpaceSearch.precompile_next_round`). Covering passes for stage 1's later cells,
 queued after its first step, run when none of those is queued: together they make every
 program call a feasible cell of each layer can make. Used as a context manager, it drops
 unstarted passes on exit.
@@ -29,10 +29,9 @@ from typing import Any, Callable, Sequence
 from autospace_jax import supernet
 
 Cell = tuple  # (layer index, genome, train_alpha)
-# (state, batch, candidates, path, train_alpha) -> None: compiles a step's programs, e.g.
-# `SupernetTrainer.compile_path`.
-CompilePass = Callable[[Any, dict, Sequence[Sequence[supernet.Op]], Sequence[int], bool],
-                       None]
+# (state, batch, candidates, path, train_alpha, cancelled=...) -> None: compiles a step's
+# programs, e.g. `SupernetTrainer.compile_path`; stops once ``cancelled()`` is true.
+CompilePass = Callable[..., None]
 
 
 def _path_cells(candidates: Sequence[Sequence[supernet.Op]], path: Sequence[int],
@@ -57,7 +56,7 @@ def covering_cells(genomes: Sequence[supernet.Op]) -> list[supernet.Op]:
 class _Pass:
   """A queued compile-only pass: its arguments, the cells it compiles, its outcome."""
 
-  args: tuple  # (state, batch, candidates, path, train_alpha)
+  args: tuple  # (state, batch, candidates, path, train_alpha); arrays as `shapes_of` them
   cells: set
   waited_for: bool
   future: concurrent.futures.Future = dataclasses.field(
@@ -95,7 +94,8 @@ class Precompiler:
     with self._changed:
       if cells <= self._compiled.union(*(p.cells for p in self._queued)):
         return
-    self._enqueue(_Pass((state, batch, candidates, path, train_alpha), cells, True))
+    self._enqueue(_Pass((*supernet.shapes_of((state, batch)), candidates, path, train_alpha),
+                        cells, True))
 
   def submit_candidates(self, state: supernet.TrainState, batch: dict,
                         candidates: Sequence[Sequence[supernet.Op]], train_alpha: bool
@@ -117,6 +117,7 @@ class Precompiler:
     if not self._threads:
       return
     covers = [covering_cells(genomes) for genomes in layer_genomes]
+    state, batch = supernet.shapes_of((state, batch))  # a queued pass holds no arrays
     for rank in range(max(map(len, covers), default=0)):  # every layer's best cells first
       for layer, cover in enumerate(covers):
         if rank < len(cover):
@@ -158,21 +159,24 @@ class Precompiler:
     while (queued := self._next(generation)) is not None:
       try:
         if queued.future.set_running_or_notify_cancel():
-          self._run(queued)
+          self._run(queued, lambda: generation != self._generation)
       finally:
         if queued.waited_for:
           with self._changed:
             self._running_waited_for -= 1
             self._changed.notify_all()
 
-  def _run(self, queued: _Pass) -> None:
+  def _run(self, queued: _Pass, cancelled: Callable[[], bool]) -> None:
+    """Run a pass, which stops at its next program once ``cancelled()`` (its generation
+    closed). A pass that fails leaves its programs to the steps that need them, which
+    compile them themselves (and raise if that fails)."""
     try:
-      self._compile_pass(*queued.args)
-    except concurrent.futures.CancelledError as error:  # a Precompiler closed
+      self._compile_pass(*queued.args, cancelled=cancelled)
+    except concurrent.futures.CancelledError as error:
       queued.future.set_exception(error)
       return
-    except Exception as error:  # pylint: disable=broad-except
-      # The step that needs these programs compiles them itself (and raises if it fails).
+    except BaseException as error:  # pylint: disable=broad-except
+      # Even a SystemExit: raised here it would only end this thread, silently.
       logging.warning("precompiling a supernet path failed: %r", error)
       queued.future.set_exception(error)
       return
@@ -209,7 +213,6 @@ class Precompiler:
   def close(self) -> None:
     """Drop passes not yet started, stop running ones at their next program and drop their
     compiles not yet started (`supernet.cancel_queued_compiles`)."""
-    supernet.cancel_queued_compiles()
     with self._changed:
       for queued in (*self._waited_for, *self._covering):
         queued.future.cancel()
@@ -219,3 +222,4 @@ class Precompiler:
       self._workers = []
       self._generation += 1
       self._changed.notify_all()
+    supernet.cancel_queued_compiles()

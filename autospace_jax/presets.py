@@ -47,6 +47,9 @@ def imagenet() -> ml_collections.ConfigDict:
   config.space.learning_rate = 0.025         # SGD Nesterov, cosine
   config.space.momentum = 0.9
   config.space.weight_decay = 4e-5
+  # [choice] SPEC §5 decays "the weights": every parameter, BN and biases too, as
+  # ProxylessNAS's search does (its no_decay_keys is None). False: kernels only.
+  config.space.decay_bn_and_bias = True
   config.space.label_smoothing = 0.1
   config.space.alpha_learning_rate = 1e-3    # Adam, β1 0, β2 0.999
   config.space.alpha_b1 = 0.0
@@ -64,6 +67,7 @@ def imagenet() -> ml_collections.ConfigDict:
   config.search.learning_rate = 0.025
   config.search.momentum = 0.9
   config.search.weight_decay = 4e-5
+  config.search.decay_bn_and_bias = True     # as config.space's (ProxylessNAS's search)
   config.search.label_smoothing = 0.1
   config.search.alpha_learning_rate = 1e-3
   # After warm-up, one α step on a held-out 'search_val' batch (plain CE, a freshly
@@ -83,7 +87,8 @@ def imagenet() -> ml_collections.ConfigDict:
   config.train.learning_rate = 0.1           # per 256 images, cosine
   config.train.warmup_epochs = 5.0
   config.train.momentum = 0.9
-  config.train.weight_decay = 4e-5           # none on BN and biases
+  config.train.weight_decay = 4e-5
+  config.train.decay_bn_and_bias = False     # SPEC §7: none on BN and biases
   config.train.label_smoothing = 0.1
   config.train.dtype = "bfloat16"            # bfloat16 | float32 compute
   config.train.se = False                    # SE (ratio 0.25) in every cell

@@ -112,7 +112,8 @@ class SpaceSearch:
         self.spec, schedule, self.cfg.weight_decay, self.cfg.momentum,
         supernet.alpha_optimizer(self.cfg.alpha_learning_rate, self.cfg.alpha_b1,
                                  self.cfg.alpha_b2),
-        self.cfg.label_smoothing, self.cfg.estimator, self.parallel)
+        self.cfg.label_smoothing, self.cfg.estimator, self.parallel,
+        decay_bn_and_bias=self.cfg.decay_bn_and_bias)
     self.precompiler = precompile.Precompiler(self.trainer.compile_path,
                                               config.precompile_threads)
 

@@ -28,6 +28,7 @@ import functools
 import logging
 import os
 import threading
+import weakref
 from typing import Any, Callable, Sequence
 
 import flax
@@ -156,8 +157,8 @@ class PlatformJit:
   def __call__(self, *args: Any, **kwargs: Any) -> Any:
     return self._get()(*args, **kwargs)
 
-  def lower(self, *args: Any, **kwargs: Any) -> Any:
-    return self._get().lower(*args, **kwargs)
+  def trace(self, *args: Any, **kwargs: Any) -> Any:
+    return self._get().trace(*args, **kwargs)
 
 
 def _module_apply(module: flax.linen.Module) -> Callable:
@@ -450,8 +451,8 @@ class PathRun:
   compile_only: bool = False
   optimizer: EntryOptimizer | None = None
   compiles: list = dataclasses.field(default_factory=list)  # compile-only: queued compiles
-  # Compile-only: `cancel_queued_compiles` calls before this pass began (a later one stops it).
-  cancellations: int = dataclasses.field(default_factory=lambda: _cancellations)
+  # Compile-only: asked before each program; once true the pass stops (CancelledError).
+  cancelled: Callable[[], bool] | None = None
 
   def call(self, program: Callable, *args: Any, **static: Any) -> Any:
     """Run a jitted program; in a compile-only pass, compile it (jit's caches keep the
@@ -521,24 +522,35 @@ class _Compiling:
   job: concurrent.futures.Future | None = None  # the compile, while queued on the pool
 
 
-_compilations: dict[tuple, _Compiling] = {}
+# Per program, by argument signature. Weakly keyed: a trainer's own programs (its α update,
+# its learning-rate schedule) and their entries go with the trainer.
+_compilations: weakref.WeakKeyDictionary[Callable, dict[tuple, _Compiling]] = (
+    weakref.WeakKeyDictionary())
 _compilations_lock = threading.Lock()
-_cancellations = 0  # `cancel_queued_compiles` calls so far
 # XLA compiles release the GIL: while they run, a pass traces and lowers its next programs.
 _compiler = concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1, "autospace-compile")
 
 
 def cancel_queued_compiles() -> None:
-  """Stop the compile-only passes begun before now at their next program and drop the
-  compiles still queued on the pool, for a closing `Precompiler`: what they would have
-  compiled compiles when a step (or a later pass) first needs it."""
-  global _cancellations
+  """Drop the compiles still queued on the pool, for a closing `Precompiler` (whose passes
+  stop through `PathRun.cancelled`): what they would have compiled compiles when a step
+  (or a later pass) first needs it."""
   with _compilations_lock:
-    _cancellations += 1
-    cancelled = [(key, compiling) for key, compiling in _compilations.items()
+    cancelled = [(program, key, compiling) for program, table in _compilations.items()
+                 for key, compiling in table.items()
                  if compiling.job is not None and compiling.job.cancel()]
-  for key, compiling in cancelled:
-    _failed(key, compiling, concurrent.futures.CancelledError())
+    for program, key, _ in cancelled:
+      del _compilations[program][key]
+  for _, _, compiling in cancelled:
+    _fail(compiling, concurrent.futures.CancelledError())
+
+
+def shapes_of(tree: Any) -> Any:
+  """``tree`` with each array replaced by its shape, dtype, weak type and sharding: all a
+  compile-only pass needs of it, without keeping its memory alive."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=getattr(x, "sharding", None),
+      weak_type=getattr(x, "weak_type", False)), tree)
 
 
 def _compile_once(program: Callable, args: tuple, static: dict, run: PathRun) -> Any:
@@ -546,37 +558,43 @@ def _compile_once(program: Callable, args: tuple, static: dict, run: PathRun) ->
   to ``run.compiles``) and return its output shapes; a program another compile-only pass
   compiles (or compiled) is not compiled again. Static arguments must be passed by keyword
   (positional ones are keyed by type only)."""
-  if run.cancellations != _cancellations:
+  if run.cancelled is not None and run.cancelled():
     raise concurrent.futures.CancelledError()
   signature = tuple((a.shape, a.dtype, getattr(a, "weak_type", False),
                      getattr(a, "sharding", None)) if hasattr(a, "shape") else type(a)
                     for a in jax.tree.leaves(args))
-  key = (program, jax.tree.structure(args), signature, tuple(sorted(static.items())))
+  key = (jax.tree.structure(args), signature, tuple(sorted(static.items())))
   with _compilations_lock:
-    compiling = _compilations.get(key)
+    table = _compilations.setdefault(program, {})
+    compiling = table.get(key)
     compiling_here = compiling is None
     if compiling_here:
-      compiling = _compilations[key] = _Compiling()
+      compiling = table[key] = _Compiling()
   if compiling_here:
     try:
-      lowered = program.lower(*args, **static)
-      outputs = _outputs_before_compiling(lowered, args)
+      traced = program.trace(*args, **static)
+      lowered = traced.lower()
+      outputs = _outputs_before_compiling(traced.out_avals, args)
       if outputs is None:
-        compiling.outputs.set_result(lowered.compile().out_info)
+        compiled = lowered.compile().out_info
+        compiling.outputs.set_result(_output_shapes(
+            traced.out_avals, jax.tree.map(lambda o: o.sharding, compiled)))
         compiling.compiled.set_result(None)
       else:
         compiling.outputs.set_result(outputs)
-        compiling.job = _compiler.submit(_compile, lowered, outputs, key, compiling)
+        with _compilations_lock:  # so that `cancel_queued_compiles` sees every job
+          compiling.job = _compiler.submit(_compile, program, lowered, outputs, key,
+                                           compiling)
     except BaseException as error:
-      _failed(key, compiling, error)
+      _failed(program, key, compiling, error)
   run.compiles.append(compiling.compiled)
   # Fresh leaves for every call: the tape tells activations apart by identity, and two
   # calls of one program (two identical edges from one node) must not share outputs.
   return jax.tree.map(copy.copy, compiling.outputs.result())
 
 
-def _outputs_before_compiling(lowered: Any, args: tuple) -> Any | None:
-  """A lowered program's output shapes where they are known before it compiles: on one
+def _outputs_before_compiling(out_avals: Any, args: tuple) -> Any | None:
+  """A traced program's output shapes where they are known before it compiles: on one
   device every output is replicated. On a mesh XLA's sharding propagation decides their
   shardings, so they are known once it has compiled (None)."""
   mesh = next((a.sharding.mesh for a in jax.tree.leaves(args)
@@ -584,28 +602,40 @@ def _outputs_before_compiling(lowered: Any, args: tuple) -> Any | None:
   if mesh is None or mesh.size != 1:
     return None
   replicated = NamedSharding(mesh, PartitionSpec())
-  return jax.tree.map(lambda o: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=replicated,
-                                                     weak_type=o.weak_type),
-                      lowered.out_info)
+  return _output_shapes(out_avals, jax.tree.map(lambda _: replicated, out_avals))
 
 
-def _compile(lowered: Any, outputs: Any, key: tuple, compiling: _Compiling) -> None:
+def _output_shapes(out_avals: Any, shardings: Any) -> Any:
+  """Outputs as the real call returns them: shapes, dtypes and weak types from the trace
+  (`out_info` lacks the weak types, which key jit's caches), with these shardings."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s,
+                                                        weak_type=a.weak_type),
+                      out_avals, shardings)
+
+
+def _compile(program: Callable, lowered: Any, outputs: Any, key: tuple,
+             compiling: _Compiling) -> None:
   try:
     compiled_outputs = lowered.compile().out_info
   except BaseException as error:
-    _failed(key, compiling, error)
+    _failed(program, key, compiling, error)
     return
   if ([o.sharding for o in jax.tree.leaves(compiled_outputs)]
       != [o.sharding for o in jax.tree.leaves(outputs)]):
     logging.warning("%s: output shardings differ from those its pass assumed; steps "
-                    "will compile their own copy", getattr(key[0], "__name__", key[0]))
+                    "will compile their own copy", getattr(program, "__name__", program))
   compiling.compiled.set_result(None)
 
 
-def _failed(key: tuple, compiling: _Compiling, error: BaseException) -> None:
-  """Fail the compile's futures and forget it, so that a later pass tries again."""
+def _failed(program: Callable, key: tuple, compiling: _Compiling, error: BaseException
+            ) -> None:
+  """Forget a failed compile, so that a later pass tries again, and fail its futures."""
   with _compilations_lock:
-    _compilations.pop(key, None)
+    _compilations.get(program, {}).pop(key, None)
+  _fail(compiling, error)
+
+
+def _fail(compiling: _Compiling, error: BaseException) -> None:
   for future in (compiling.outputs, compiling.compiled):
     if not future.done():
       future.set_exception(error)
@@ -652,6 +682,7 @@ def _cell_forward(shape: LayerShape, op: Op, slot: int, x: jax.Array, params: di
 
 # Glue between ops: each is one cached program call.
 _jitted_add = PlatformJit(cells.add_all)
+_zeros_like = PlatformJit(jnp.zeros_like)
 
 
 @functools.partial(PlatformJit, static_argnames="estimator")
@@ -752,14 +783,18 @@ def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def decay_mask(params: Any) -> Any:
-  """Weight decay applies to conv and dense kernels only, never to BN or biases."""
+  """The conv and dense kernels: all but BN parameters and biases."""
   return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
 
 
 def weight_optimizer(learning_rate: Any, weight_decay: float, momentum: float = 0.9,
-                     nesterov: bool = True) -> optax.GradientTransformation:
-  """SGD (Nesterov) with decoupled-from-BN L2 decay on kernels (SPEC §5, §7)."""
-  return optax.chain(optax.add_decayed_weights(weight_decay, mask=decay_mask),
+                     decay_bn_and_bias: bool = False, nesterov: bool = True
+                     ) -> optax.GradientTransformation:
+  """SGD (Nesterov) with L2 weight decay on the kernels, and on BN parameters and biases
+  too if ``decay_bn_and_bias`` (the search stages' default, as in ProxylessNAS's search;
+  SPEC §7 retrains with kernels only)."""
+  mask = None if decay_bn_and_bias else decay_mask
+  return optax.chain(optax.add_decayed_weights(weight_decay, mask=mask),
                      optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov))
 
 
@@ -812,11 +847,12 @@ def _with_entries(tree: dict, values: dict[tuple[str, ...], Any]) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted_entry_updates(weight_decay: float, momentum: float) -> tuple[Callable, Callable]:
+def _jitted_entry_updates(weight_decay: float, momentum: float, decay_bn_and_bias: bool
+                          ) -> tuple[Callable, Callable]:
   """One entry's optimizer step at a given learning rate, on its own and fused into an
   op's backward (`EntryOptimizer`); shared by every trainer with these settings, so
   their programs compile once per entry (or op) shape per process."""
-  tx = weight_optimizer(1.0, weight_decay, momentum)
+  tx = weight_optimizer(1.0, weight_decay, momentum, decay_bn_and_bias)
 
   def update(params, opt_state, grads, learning_rate):
     unit_updates, opt_state = tx.update(grads, opt_state, params)
@@ -851,14 +887,16 @@ class SupernetTrainer:
                weight_decay: float, momentum: float,
                alpha_tx: optax.GradientTransformation, label_smoothing: float,
                estimator: str, parallel: DataParallel,
-               alpha_mask: np.ndarray | None = None):
+               alpha_mask: np.ndarray | None = None, decay_bn_and_bias: bool = False):
     self.spec = spec
     schedule = (learning_rate if callable(learning_rate)
                 else optax.constant_schedule(learning_rate))
     # The step's learning rate and the next step count: one program per step.
     self._schedule_and_next_step = PlatformJit(lambda step: (schedule(step), step + 1))
-    self.weight_tx = weight_optimizer(1.0, weight_decay, momentum)  # unit step, scaled below
-    self._entry_update, self._backward_update = _jitted_entry_updates(weight_decay, momentum)
+    # A unit step, scaled by the learning rate in each entry's update.
+    self.weight_tx = weight_optimizer(1.0, weight_decay, momentum, decay_bn_and_bias)
+    self._entry_update, self._backward_update = _jitted_entry_updates(
+        weight_decay, momentum, decay_bn_and_bias)
     self.alpha_tx = alpha_tx
     self.label_smoothing = label_smoothing
     self.estimator = estimator
@@ -893,9 +931,9 @@ class SupernetTrainer:
     sampled cells (zeros where the loss does not depend on it, as autodiff would give).
     ``label_smoothing`` overrides the trainer's (stage 2's α steps use plain CE)."""
     run = PathRun()
-    metrics, leaves = self._forward_backward(state, batch, candidates, path, train_alpha,
-                                             run, label_smoothing)
-    alpha_grad = (self._alpha_grad(state, leaves, metrics["loss"], alpha_loss)
+    metrics, leaves = self._forward_backward(state, *self.shard(batch), candidates, path,
+                                             train_alpha, run, label_smoothing)
+    alpha_grad = (self._alpha_grad(state, leaves, metrics["loss"], run, alpha_loss)
                   if train_alpha else None)
     grads = {"layers": {}}
     for key in self._trained_entries(state.params, candidates, path):
@@ -909,22 +947,21 @@ class SupernetTrainer:
     return metrics, grads, alpha_grad, run
 
   @staticmethod
-  def _alpha_grad(state: TrainState, leaves: dict, loss: jax.Array,
-                  alpha_loss: Callable[[jax.Array, jax.Array], jax.Array] | None
+  def _alpha_grad(state: TrainState, leaves: dict, loss: jax.Array, run: PathRun,
+                  alpha_loss: Callable[[jax.Array, jax.Array], jax.Array] | None = None
                   ) -> jax.Array:
     """α's cotangent (zeros if no gate reached the loss), through ``alpha_loss`` if given."""
     alpha_grad = leaves.get(ALPHA.key)
     if alpha_grad is None:
-      alpha_grad = jnp.zeros_like(state.alpha)
+      alpha_grad = run.call(_zeros_like, state.alpha)
     return alpha_grad if alpha_loss is None else alpha_loss(state.alpha, loss, alpha_grad)
 
-  def _forward_backward(self, state: TrainState, batch: dict,
+  def _forward_backward(self, state: TrainState, images: jax.Array, labels: jax.Array,
                         candidates: Sequence[Sequence[Op]], path: Sequence[int],
                         train_alpha: bool, run: PathRun,
                         label_smoothing: float | None = None) -> tuple[dict, dict]:
-    """Metrics (loss, accuracy) and leaf cotangents of one step on ``path``, taped on
-    ``run``."""
-    images, labels = self.shard(batch)
+    """Metrics (loss, accuracy) and leaf cotangents of one step on ``path`` over the global
+    batch (``images``, ``labels``), taped on ``run``."""
     logits = forward_path(self.spec, state.params, state.batch_stats,
                           state.alpha if train_alpha else None, images, candidates, path,
                           self.estimator, run, self.alpha_mask)
@@ -936,26 +973,31 @@ class SupernetTrainer:
 
   def compile_path(self, state: TrainState, batch: dict, candidates: Sequence[Sequence[Op]],
                    path: Sequence[int], train_alpha: bool, update_weights: bool = True,
-                   label_smoothing: float | None = None) -> None:
-    """Compile, without running them, the programs a `train_step` on ``path`` calls: op
-    forwards, backwards with their entries' updates, the glue between them and the α
-    update (the batch is put on the devices and the learning rate computed, as a step
-    does); with ``update_weights`` False, those of a `loss_and_grads` step instead (stage
-    2's α steps, with their ``label_smoothing``). `Precompiler` runs this on background
-    threads."""
-    optimizer = self._entry_optimizer(state)[0] if update_weights else None
-    run = PathRun(compile_only=True, optimizer=optimizer)
-    metrics, leaves = self._forward_backward(state, batch, candidates, path, train_alpha,
-                                             run, label_smoothing)
+                   label_smoothing: float | None = None,
+                   cancelled: Callable[[], bool] | None = None) -> None:
+    """Compile, without running anything, the programs a `train_step` on ``path`` calls:
+    op forwards, backwards with their entries' updates, the glue between them, the
+    learning rate and the α update; with ``update_weights`` False, those of a
+    `loss_and_grads` step instead (stage 2's α steps, with their ``label_smoothing``).
+    ``state`` and the host's ``batch`` may be arrays or `shapes_of` them. `Precompiler`
+    runs this on background threads, which ``cancelled`` stops."""
+    run = PathRun(compile_only=True, cancelled=cancelled)
+    if update_weights:
+      run.optimizer = self._entry_optimizer(state, run)[0]
+    shapes = self.parallel.global_batch_shapes({k: batch[k] for k in ("image", "label")})
+    metrics, leaves = self._forward_backward(state, shapes["image"], shapes["label"],
+                                             candidates, path, train_alpha, run,
+                                             label_smoothing)
     if train_alpha and update_weights:
       run.call(self._alpha_update, state.alpha, state.alpha_opt_state,
-               self._alpha_grad(state, leaves, metrics["loss"], None))
+               self._alpha_grad(state, leaves, metrics["loss"], run))
     for compiled in concurrent.futures.as_completed(run.compiles):
       compiled.result()  # raises if a compile failed
 
-  def _entry_optimizer(self, state: TrainState) -> tuple[EntryOptimizer, jax.Array]:
+  def _entry_optimizer(self, state: TrainState, run: PathRun
+                       ) -> tuple[EntryOptimizer, jax.Array]:
     """The step's `EntryOptimizer`, and the step count after it."""
-    learning_rate, next_step = self._schedule_and_next_step(state.step)
+    learning_rate, next_step = run.call(self._schedule_and_next_step, state.step)
     return EntryOptimizer(self._backward_update, state.params, state.opt_state,
                           learning_rate), next_step
 
@@ -976,10 +1018,11 @@ class SupernetTrainer:
     their gradients (weights, momentum, BN statistics), α its own if ``train_alpha``.
     The same update as `weight_optimizer` on `loss_and_grads`'s gradients, applied inside
     each op's backward program (`EntryOptimizer`). Returns (new state, metrics)."""
-    optimizer, next_step = self._entry_optimizer(state)
-    run = PathRun(optimizer=optimizer)
-    metrics, leaves = self._forward_backward(state, batch, candidates, path, train_alpha,
-                                             run)
+    run = PathRun()
+    optimizer, next_step = self._entry_optimizer(state, run)
+    run.optimizer = optimizer
+    metrics, leaves = self._forward_backward(state, *self.shard(batch), candidates, path,
+                                             train_alpha, run)
     for key in self._trained_entries(state.params, candidates, path):
       if key not in optimizer.updated:  # the loss does not reach it: a zero gradient
         params = _get(state.params, key)
@@ -993,8 +1036,7 @@ class SupernetTrainer:
                                 {k: o for k, (_, o) in optimizer.updated.items()}),
         batch_stats=_with_entries(state.batch_stats, run.batch_stats))
     if train_alpha:
-      state = self._step_alpha(state, self._alpha_grad(state, leaves, metrics["loss"],
-                                                       None))
+      state = self._step_alpha(state, self._alpha_grad(state, leaves, metrics["loss"], run))
     return state, metrics
 
   def apply_alpha(self, state: TrainState, alpha_grad: jax.Array, run: PathRun

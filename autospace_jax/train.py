@@ -1,8 +1,8 @@
 """Stage 3: train a net JSON from scratch and evaluate it (SPEC §7).
 
 A static Flax net, one jitted data-parallel train step: SGD Nesterov, lr per 256 images
-with linear warm-up and cosine decay, weight decay on kernels only, label smoothing,
-optional bf16 compute and SE. Writes `metrics.json` with top-1/top-5, params and MAdds.
+with linear warm-up and cosine decay, weight decay (kernels only by default), label
+smoothing, optional bf16 compute and SE. Writes `metrics.json` with top-1/top-5, params and MAdds.
 """
 
 from __future__ import annotations
@@ -93,7 +93,8 @@ class Trainer:
     schedule = supernet.cosine_schedule(
         lr, self.total_steps, supernet.epochs_to_steps(self.cfg.warmup_epochs,
                                                        self.steps_per_epoch))
-    self.tx = supernet.weight_optimizer(schedule, self.cfg.weight_decay, self.cfg.momentum)
+    self.tx = supernet.weight_optimizer(schedule, self.cfg.weight_decay, self.cfg.momentum,
+                                        self.cfg.decay_bn_and_bias)
     # With the supernet's CPU compile options: a third less compile, the same step time.
     self._train_step = supernet.PlatformJit(functools.partial(
         train_step, self.model, self.tx, self.cfg.label_smoothing), donate_argnums=0)

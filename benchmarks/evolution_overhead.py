@@ -154,7 +154,7 @@ def step_ratio(search: space_search.SpaceSearch, paths: int, repeats: int = 10) 
     net, variables = cells.init_net(
         search.spec.net_spec([candidates[i][c] for i, c in enumerate(path)]),
         np.random.default_rng(1))
-    tx = supernet.weight_optimizer(0.01, cfg.weight_decay, cfg.momentum)
+    tx = supernet.weight_optimizer(0.01, cfg.weight_decay, cfg.momentum, cfg.decay_bn_and_bias)
     static_state = train.TrainState(np.int32(0), variables["params"], variables["batch_stats"],
                                     tx.init(variables["params"]))
     step = supernet.PlatformJit(functools.partial(train.train_step, net, tx,

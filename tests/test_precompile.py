@@ -61,11 +61,13 @@ def test_after_a_compile_only_pass_a_step_on_that_path_compiles_no_supernet_prog
 @pytest.mark.parametrize("estimator", ["sampled", "proxyless"])
 def test_after_a_compile_only_pass_the_first_step_of_a_trainer_compiles_nothing(estimator):
   # Not even the step's glue: the metrics, the learning rate and step count, α's update.
+  # The pass gets shapes only, as the precompile threads give it.
   spec, trainer = make_trainer(estimator)
   cands = candidates_for(spec)
   path = [0, 1, 2, 2, 1, 0]
   state = trainer.init(0, 3)
-  trainer.compile_path(state, batch(5), cands, path, True)
+  trainer.compile_path(supernet.shapes_of(state), supernet.shapes_of(batch(5)), cands, path,
+                       True)
   names = compiled_programs()
   state, _ = step(trainer, state, cands, path, 1)
   jax.block_until_ready(state)
@@ -169,7 +171,7 @@ class BlockingTrainer:
     self.release = threading.Event()
     self.fail = fail
 
-  def compile_path(self, state, batch, candidates, path, train_alpha):
+  def compile_path(self, state, batch, candidates, path, train_alpha, cancelled=None):
     self.release.wait(timeout=30)
     if self.fail:
       raise RuntimeError("compile failed")
@@ -200,7 +202,7 @@ class PathGatedTrainer:
   def __init__(self, *paths):
     self.release = {path: threading.Event() for path in paths}
 
-  def compile_path(self, state, batch, candidates, path, train_alpha):
+  def compile_path(self, state, batch, candidates, path, train_alpha, cancelled=None):
     self.release[tuple(path)].wait(timeout=30)
 
 
@@ -236,7 +238,7 @@ class RecordingTrainer:
     self.paths = []
     self.with_candidates = with_candidates
 
-  def compile_path(self, state, batch, candidates, path, train_alpha):
+  def compile_path(self, state, batch, candidates, path, train_alpha, cancelled=None):
     self.paths.append((candidates, list(path), train_alpha) if self.with_candidates
                       else (list(path), train_alpha))
 
@@ -323,17 +325,15 @@ class FailingProgram:
   def __init__(self):
     self.lowerings = 0
 
-  def lower(self, x):
+  def trace(self, x):
     self.lowerings += 1
     program = self
 
     class Lowered:
-      out_info = jax.ShapeDtypeStruct(x.shape, x.dtype)
-
       def compile(self):
         raise RuntimeError(f"compile {program.lowerings} failed")
 
-    return Lowered()
+    return Traced(jax.ShapeDtypeStruct(x.shape, x.dtype), Lowered())
 
 
 def test_a_compile_that_fails_on_the_pool_fails_its_pass_and_a_later_pass_tries_again():
@@ -350,13 +350,23 @@ def test_a_compile_that_fails_on_the_pool_fails_its_pass_and_a_later_pass_tries_
   assert program.lowerings == 2
 
 
+class Traced:
+  """What `jax.jit(...).trace` gives a compile-only pass: output shapes, then lowering."""
+
+  def __init__(self, out_avals, lowered):
+    self.out_avals, self._lowered = out_avals, lowered
+
+  def lower(self):
+    return self._lowered
+
+
 class HeldProgram:
   """Lowers at once; its compile holds a pool thread until the test releases it."""
 
   def __init__(self, release):
     self.release, self.started, self.lowerings = release, threading.Event(), 0
 
-  def lower(self, x):
+  def trace(self, x):
     self.lowerings += 1
     program = self
 
@@ -368,11 +378,10 @@ class HeldProgram:
         program.release.wait(timeout=30)
         return self
 
-    return Lowered()
+    return Traced(jax.ShapeDtypeStruct(x.shape, x.dtype), Lowered())
 
 
-def test_closing_drops_queued_compiles_and_stops_running_passes_at_their_next_program(
-    monkeypatch):
+def test_closing_drops_queued_compiles_and_a_later_pass_compiles_them(monkeypatch):
   monkeypatch.setattr(supernet, "_compiler", concurrent.futures.ThreadPoolExecutor(1))
   one_device = jax.sharding.Mesh(jax.devices()[:1], ("data",))
   x = jax.device_put(np.zeros(3, np.float32), jax.sharding.NamedSharding(
@@ -388,9 +397,93 @@ def test_closing_drops_queued_compiles_and_stops_running_passes_at_their_next_pr
   assert run.compiles[0].result(timeout=30) is None  # a started compile finishes
   with pytest.raises(concurrent.futures.CancelledError):
     run.compiles[1].result(timeout=30)
-  with pytest.raises(concurrent.futures.CancelledError):
-    run.call(HeldProgram(release), x)  # the pass began before the close: it stops
   later = supernet.PathRun(compile_only=True)
   later.call(queued, x)  # a later pass compiles the dropped program
   later.compiles[0].result(timeout=30)
   assert queued.lowerings == 2
+
+
+class CancellationTrainer:
+  """Stands in for the trainer: holds a pass open, then records whether it was cancelled."""
+
+  def __init__(self):
+    self.started, self.release = threading.Event(), threading.Event()
+    self.cancelled = []
+
+  def compile_path(self, state, batch, candidates, path, train_alpha, cancelled=None):
+    self.started.set()
+    self.release.wait(timeout=30)
+    self.cancelled.append(cancelled())
+
+
+def test_a_pass_that_started_before_a_close_is_cancelled_and_a_later_ones_is_not():
+  trainer = CancellationTrainer()
+  precompiler = precompile.Precompiler(trainer.compile_path, threads=1)
+  precompiler.submit(None, None, CELLS, [0, 0], False)
+  assert trainer.started.wait(timeout=30)  # taken off the queue: only its run can stop it
+  precompiler.close()
+  trainer.release.set()
+  precompiler.submit(None, None, CELLS, [1, 1], False)
+  precompiler.wait_for(CELLS, [1, 1], False)
+  precompiler.close()
+  assert trainer.cancelled == [True, False]
+
+
+def test_a_compile_only_pass_stops_at_its_next_program_once_cancelled():
+  x = jax.device_put(np.zeros(3, np.float32))
+  stop = threading.Event()
+  run = supernet.PathRun(compile_only=True, cancelled=stop.is_set)
+  run.call(supernet._zeros_like, x)
+  stop.set()
+  with pytest.raises(concurrent.futures.CancelledError):
+    run.call(supernet._zeros_like, x)
+
+
+class ExitingTrainer:
+  """Stands in for the trainer: its first pass raises SystemExit, later ones succeed."""
+
+  def __init__(self):
+    self.passes = 0
+
+  def compile_path(self, state, batch, candidates, path, train_alpha, cancelled=None):
+    self.passes += 1
+    if self.passes == 1:
+      raise SystemExit("a pass exited")
+
+
+def test_a_pass_ending_in_a_non_exception_error_neither_hangs_the_loop_nor_stops_passes():
+  trainer = ExitingTrainer()
+  precompiler = precompile.Precompiler(trainer.compile_path, threads=1)
+  for path in ([0, 0], [1, 1]):  # the second pass runs on the same worker
+    precompiler.submit(None, None, CELLS, path, False)
+    waiter = threading.Thread(target=precompiler.wait_for, args=(CELLS, path, False))
+    waiter.start()
+    waiter.join(timeout=30)
+    assert not waiter.is_alive()
+  precompiler.close()
+  assert trainer.passes == 2
+
+
+class StateRecordingTrainer:
+  """Stands in for the trainer to record the state and batch a pass is given."""
+
+  def __init__(self):
+    self.args = []
+
+  def compile_path(self, state, batch, candidates, path, train_alpha, cancelled=None):
+    self.args.append((state, batch))
+
+
+def test_a_queued_pass_holds_the_shapes_of_the_state_and_batch_not_their_arrays():
+  _, trainer = make_trainer("sampled")
+  state = trainer.init(0, 3)
+  recorder = StateRecordingTrainer()
+  precompiler = precompile.Precompiler(recorder.compile_path, threads=1)
+  precompiler.submit(state, batch(5), CELLS, [0, 0], False)
+  precompiler.wait_for(CELLS, [0, 0], False)
+  precompiler.close()
+  (held_state, held_batch), = recorder.args
+  assert all(isinstance(leaf, jax.ShapeDtypeStruct)
+             for leaf in jax.tree.leaves((held_state, held_batch)))
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), held_state) == jax.tree.map(
+      lambda x: (x.shape, x.dtype), state)

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from autospace_jax import cells
 from autospace_jax import genome as genome_lib
@@ -17,12 +18,12 @@ ATTENTION_CELL = genome_lib.from_matrix([[0, 0, 0, 1], [3, 0, 0, [1, 1]], [5, 2,
                                          [1, 3, 2, 0]])
 
 
-def make_trainer(estimator="sampled", momentum=0.9, parallel=None):
+def make_trainer(estimator="sampled", momentum=0.9, parallel=None, decay_bn_and_bias=False):
   config = tiny_config()
   spec = space_search.supernet_spec(config, 10, (3, 5))
   trainer = supernet.SupernetTrainer(
       spec, 0.1, 1e-3, momentum, supernet.alpha_optimizer(0.01),
-      0.1, estimator, parallel or DataParallel())
+      0.1, estimator, parallel or DataParallel(), decay_bn_and_bias=decay_bn_and_bias)
   return spec, trainer
 
 
@@ -86,8 +87,10 @@ def test_one_step_changes_only_the_sampled_cells_weights_optimizer_state_and_bn_
           assert same, f"{tree_name} of unused {layer}/{entry} moved"
 
 
-def test_a_train_step_is_the_weight_optimizer_on_the_gradients_of_the_entries_that_ran():
-  spec, trainer = make_trainer()
+@pytest.mark.parametrize("decay_bn_and_bias", [False, True])
+def test_a_train_step_is_the_weight_optimizer_on_the_gradients_of_the_entries_that_ran(
+    decay_bn_and_bias):
+  spec, trainer = make_trainer(decay_bn_and_bias=decay_bn_and_bias)
   state = trainer.init(0, 3)
   cands = candidates_for(spec)
   state, _ = step(trainer, state, cands, [1] * 6, 0)  # momentum is no longer zero
@@ -96,7 +99,7 @@ def test_a_train_step_is_the_weight_optimizer_on_the_gradients_of_the_entries_th
   new, new_metrics = trainer.train_step(state, batch(5), cands, path, True)
 
   np.testing.assert_allclose(new_metrics["loss"], metrics["loss"], rtol=1e-6)
-  tx = supernet.weight_optimizer(0.1, 1e-3, 0.9)  # make_trainer's settings
+  tx = supernet.weight_optimizer(0.1, 1e-3, 0.9, decay_bn_and_bias)  # make_trainer's
   keys = supernet.entry_keys(grads)
   assert len(keys) == 3 + sum(len(supernet.cell_entries(cands[i][c]))
                               for i, c in enumerate(path))
@@ -238,3 +241,18 @@ def test_supernet_programs_use_all_the_cpu_compile_options_or_none_and_only_on_c
   assert supernet.compile_options("gpu") == {} == supernet.compile_options("tpu")
   x = jnp.ones((2, 3))
   assert float(supernet._accumulate(x, x).sum()) == 12.0  # a program compiled with them
+
+
+@pytest.mark.parametrize("decay_bn_and_bias", [False, True])
+def test_weight_decay_reaches_bn_and_biases_only_when_asked(decay_bn_and_bias):
+  params = {"conv": {"kernel": np.ones(2, np.float32)},
+            "bn": {"scale": np.ones(2, np.float32), "bias": np.ones(2, np.float32)},
+            "dense": {"kernel": np.ones(2, np.float32), "bias": np.ones(2, np.float32)}}
+  tx = supernet.weight_optimizer(1.0, 0.5, 0.0, decay_bn_and_bias)
+  updates, _ = tx.update(jax.tree.map(np.zeros_like, params), tx.init(params), params)
+  decayed = {path: bool(np.any(u != 0))
+             for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]}
+  assert {jax.tree_util.keystr(p): d for p, d in decayed.items()} == {
+      "['bn']['bias']": decay_bn_and_bias, "['bn']['scale']": decay_bn_and_bias,
+      "['conv']['kernel']": True, "['dense']['bias']": decay_bn_and_bias,
+      "['dense']['kernel']": True}
