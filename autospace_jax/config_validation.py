@@ -288,11 +288,12 @@ def _check_space(config: ml_collections.ConfigDict) -> None:
   _number(config, "space.reference_stop_epoch", 0)
   _choice(config, "space.compensation", evolution.COMPENSATIONS)
   update = _choice(config, "space.population_update", evolution.POPULATION_UPDATES)
-  if update == "aging" and population < 3 * cells:
+  if update == "aging" and population < 2 * cells:
     raise ConfigError(
-        f"space.population_size={population} must be >= 3 x space.num_cells = {3 * cells} "
-        "with space.population_update='aging' (supernet cells and parents stay while "
-        "as many children replace the oldest)")
+        f"space.population_size={population} must be >= 2 x space.num_cells = {2 * cells} "
+        "with space.population_update='aging' (the supernet's cells stay while as many "
+        "children replace the oldest of the others)")
+  _bool(config, "space.distinct_top_cells")
   _choice(config, "space.estimator", ESTIMATORS)
   _check_optimizer(config, "space")
   _number(config, "space.alpha_learning_rate", 0, low_open=True)

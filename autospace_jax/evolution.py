@@ -214,17 +214,22 @@ def _add_children_aging(population: Population, parents: np.ndarray,
   return leaving
 
 
-def top_cells(population: Population, count: int, compensation: str) -> np.ndarray:
-  """Indices of the ``count`` best cells by compensated fitness that compute different
-  functions (genomes differing only in an unexpressed mix gene count as one)."""
-  fitness = compensated_fitness(population, compensation)
-  chosen, seen = [], set()
-  for i in np.argsort(-fitness, kind="stable"):
-    function = population.genomes[i].expressed()
-    if function not in seen:
-      chosen.append(int(i))
-      seen.add(function)
-    if len(chosen) == count:
-      break
-  fill = [int(i) for i in np.argsort(-fitness, kind="stable") if int(i) not in chosen]
+def top_cells(population: Population, count: int, compensation: str, distinct: bool = True
+              ) -> np.ndarray:
+  """Indices of the ``count`` best cells by compensated fitness; if ``distinct``, of cells
+  computing different functions (genomes differing only in an unexpressed mix gene count
+  as one), then the best of the rest if there are fewer such cells."""
+  ranked = [int(i) for i in np.argsort(-compensated_fitness(population, compensation),
+                                       kind="stable")]
+  chosen = []
+  if distinct:
+    seen = set()
+    for i in ranked:
+      function = population.genomes[i].expressed()
+      if function not in seen:
+        chosen.append(i)
+        seen.add(function)
+      if len(chosen) == count:
+        break
+  fill = [i for i in ranked if i not in chosen]
   return np.array(chosen + fill[:count - len(chosen)], np.int64)

@@ -43,6 +43,10 @@ def imagenet() -> ml_collections.ConfigDict:
   config.space.reference_stop_epoch = 60     # ... while evolution epoch < this
   config.space.compensation = "rate"         # rate | none
   config.space.population_update = "inplace"  # inplace | aging
+  # [choice] The learned space holds the top-K cells computing different functions
+  # (duplicate genomes are common: a population of 1000 among ~500 feasible ones);
+  # False: the top-K cells, duplicates included.
+  config.space.distinct_top_cells = True
   config.space.estimator = "sampled"         # sampled | proxyless
   config.space.learning_rate = 0.025         # SGD Nesterov, cosine
   config.space.momentum = 0.9

@@ -296,7 +296,8 @@ class SpaceSearch:
     """Top-K per layer in the official format, plus the per-cell record."""
     space, records = [], []
     for layer, population in enumerate(run.populations):
-      top = evolution.top_cells(population, self.cfg.num_cells, self.cfg.compensation)
+      top = evolution.top_cells(population, self.cfg.num_cells, self.cfg.compensation,
+                                self.cfg.distinct_top_cells)
       fitness = evolution.compensated_fitness(population, self.cfg.compensation)
       space.append([population.genomes[i] for i in top])
       records.append([{

@@ -209,3 +209,11 @@ def test_a_stage_1_checkpoint_record_is_a_snapshot_later_rounds_do_not_change():
   run.slots[0][0] = (run.slots[0][0] + 1) % len(run.populations[0])
   run.populations[0].alpha[0] += 1.0
   assert json.dumps(record) == saved
+
+
+def test_top_cells_keep_duplicates_when_not_asked_for_distinct_ones():
+  pop = evolution.initial_population(3, [genome_lib.REFERENCE], np.random.default_rng(0))
+  pop.genomes[2] = genome_lib.irb(5, 6)
+  pop.alpha[:] = [3.0, 2.0, 1.0]
+  assert evolution.top_cells(pop, 2, "none", distinct=False).tolist() == [0, 1]
+  assert evolution.top_cells(pop, 2, "none").tolist() == [0, 2]
