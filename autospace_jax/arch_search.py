@@ -167,10 +167,11 @@ class ArchSearch:
     space = netspec.expand_space(space, lps)
     codes = sorted({c for cells in space for g in cells for c in g.edges
                     if c in genome_lib.CONV_CODES})
-    self.candidates, self.mask = pad_candidates(candidates_for(space, lps))
-    self.spec = dataclasses.replace(
+    unpadded = candidates_for(space, lps)
+    self.candidates, self.mask = pad_candidates(unpadded)
+    self.spec = dataclasses.replace(  # padding slots, never run, own no weights
         space_search.supernet_spec(config, info.num_classes, tuple(codes)),
-        slot_cells=tuple(map(tuple, self.candidates)))
+        slot_cells=tuple(map(tuple, unpadded)))
     shapes = space_search.cell_shapes(self.spec)
     self.candidate_madds = np.array([[0 if op == netspec.ZERO else shapes[i].madds(op)
                                       for op in ops] for i, ops in enumerate(self.candidates)],

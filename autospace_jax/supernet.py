@@ -738,9 +738,9 @@ def forward_path(spec: SupernetSpec, params: dict, batch_stats: dict, alpha: jax
     y = _cell_forward(shape, ops_i[choice], choice, x, lp, ls, spec, name, run)
     if alpha is not None:
       others = ()
-      if estimator == "proxyless":
-        others = tuple(y if j == choice else
-                       _cell_forward(shape, op, j, x, lp, ls, spec, name, run, False)
+      if estimator == "proxyless":  # padding (p_j = 0) adds nothing: it does not run
+        others = tuple(y if j == choice or (alpha_mask is not None and not alpha_mask[i, j])
+                       else _cell_forward(shape, op, j, x, lp, ls, spec, name, run, False)
                        for j, op in enumerate(ops_i))
       gated, pullback = run.call_vjp(_gate_vjp, y, alpha, mask, i, choice, others,
                                      estimator=estimator)

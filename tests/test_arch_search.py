@@ -202,9 +202,28 @@ def test_a_search_over_official_cells_gives_each_one_all_the_weights_it_runs(tmp
   for i, cells in enumerate(search.candidates):
     bank = params["layers"][supernet.layer_name(i)]
     for slot, op in enumerate(cells):
-      if op != netspec.ZERO:
+      if op != netspec.ZERO and search.mask[i, slot]:
         assert {supernet.slot_entry(search.spec, slot, e)
                 for e in supernet.cell_entries(op)} <= set(bank)
+
+
+def test_padding_slots_own_no_weights_and_proxyless_alpha_steps_do_not_run_them(tmp_path):
+  config = tiny_config()
+  config.search.estimator = "proxyless"
+  config.model.layers_per_stage = (1, 2, 1, 1, 1, 1)  # one layer that may be Zero
+  search = irb_search(tmp_path, 1, config)
+  assert not search.mask.all()  # stage-first layers have no Zero: they are padded
+  state = search.trainer.init(0, search.mask.shape[1])
+  for i, cells in enumerate(search.candidates):
+    bank = state.params["layers"][supernet.layer_name(i)]
+    assert {e for e in bank} == {supernet.slot_entry(search.spec, slot, e)
+                                 for slot, op in enumerate(cells)
+                                 if search.mask[i, slot] and op != netspec.ZERO
+                                 for e in supernet.cell_entries(op)}
+  batch = next(input_pipeline.make_iterator(config.data, "search_val",
+                                            config.search.batch_size, seed=0))
+  _, loss = search.alpha_step(state, 0, batch)  # would look up the padding's weights
+  assert np.isfinite(float(loss))
 
 
 def test_arch_loss_is_cross_entropy_times_the_expected_madds_penalty():
