@@ -235,7 +235,7 @@ class ArchSearch:
   def compile_pass(self, state, batch: dict, candidates, path, alpha_step: bool,
                    cancelled: Callable[[], bool] | None = None) -> None:
     """What the precompile threads run: the programs of a weight step (`train_step`), or
-    of an α step (`loss_and_grads` with plain CE; no weight updates)."""
+    of an α step (`loss_and_grads` with plain CE, no weight gradients)."""
     self.trainer.compile_path(state, batch, candidates, path, alpha_step,
                               update_weights=not alpha_step,
                               label_smoothing=0.0 if alpha_step else None,
@@ -258,7 +258,7 @@ class ArchSearch:
     self.precompiler.wait_for(self.candidates, path, True)
     metrics, _, alpha_grad, run = self.trainer.loss_and_grads(
         state, batch, self.candidates, path, train_alpha=True,
-        alpha_loss=self.alpha_gradient, label_smoothing=0.0)
+        alpha_loss=self.alpha_gradient, label_smoothing=0.0, weight_grads=False)
     supernet.check_finite(metrics["loss"], "search (α step)", step)
     return self.trainer.apply_alpha(state, alpha_grad, run), metrics["loss"]
 

@@ -234,6 +234,12 @@ def _backward(residuals: Any, arguments: tuple, cotangent: Any) -> Any:
   return _restored(residuals, arguments)(cotangent)
 
 
+@PlatformJit
+def _backward_to_inputs(residuals: Any, arguments: tuple, cotangent: Any) -> Any:
+  """`_backward` without the parameters' cotangent, whose computation XLA then drops."""
+  return _restored(residuals, arguments)(cotangent)[1:]
+
+
 @_built_once
 def _jitted_op_vjp(module_class: type, frozen_kwargs: tuple, wrt_inputs: bool) -> Callable:
   """The op's forward that also returns its VJP: ``(out, vjp, new_stats)``.
@@ -450,6 +456,7 @@ class PathRun:
   tape: list = dataclasses.field(default_factory=list)
   compile_only: bool = False
   optimizer: EntryOptimizer | None = None
+  weight_grads: bool = True  # False: `backward` skips the parameter entries' cotangents
   compiles: list = dataclasses.field(default_factory=list)  # compile-only: queued compiles
   # Compile-only: asked before each program; once true the pass stops (CancelledError).
   cancelled: Callable[[], bool] | None = None
@@ -499,6 +506,11 @@ class PathRun:
         cotangents = (ct,) * len(sources)
       elif self.optimizer is not None and self.optimizer.trains(sources[0]):
         cotangents = (None, *self.optimizer.backward(self, sources[0].key, pullback, ct))
+      elif not self.weight_grads and EntryOptimizer.trains(sources[0]):
+        if len(sources) == 1:
+          continue  # an op on the images: nothing upstream needs a cotangent
+        cotangents = (None, *self.call(_backward_to_inputs, pullback.residuals,
+                                       pullback.arguments, ct))
       else:
         cotangents = self.call(_backward, pullback.residuals, pullback.arguments, ct)
       for source, source_ct in zip(sources, cotangents):
@@ -925,16 +937,20 @@ class SupernetTrainer:
   def loss_and_grads(self, state: TrainState, batch: dict, candidates: Sequence[Sequence[Op]],
                      path: Sequence[int], train_alpha: bool,
                      alpha_loss: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
-                     label_smoothing: float | None = None):
+                     label_smoothing: float | None = None, weight_grads: bool = True):
     """Forward the path and run its tape backward; returns (metrics, grads, alpha_grad,
     run). ``grads`` holds an entry for every fixed part and every bank entry of the
-    sampled cells (zeros where the loss does not depend on it, as autodiff would give).
-    ``label_smoothing`` overrides the trainer's (stage 2's α steps use plain CE)."""
-    run = PathRun()
+    sampled cells (zeros where the loss does not depend on it, as autodiff would give);
+    None without ``weight_grads`` (stage 2's α steps, which then cost the backward to
+    the activations only). ``label_smoothing`` overrides the trainer's (α steps use plain
+    CE)."""
+    run = PathRun(weight_grads=weight_grads)
     metrics, leaves = self._forward_backward(state, *self.shard(batch), candidates, path,
                                              train_alpha, run, label_smoothing)
     alpha_grad = (self._alpha_grad(state, leaves, metrics["loss"], run, alpha_loss)
                   if train_alpha else None)
+    if not weight_grads:
+      return metrics, None, alpha_grad, run
     grads = {"layers": {}}
     for key in self._trained_entries(state.params, candidates, path):
       grad = leaves.get(key)
@@ -978,10 +994,11 @@ class SupernetTrainer:
     """Compile, without running anything, the programs a `train_step` on ``path`` calls:
     op forwards, backwards with their entries' updates, the glue between them, the
     learning rate and the α update; with ``update_weights`` False, those of a
-    `loss_and_grads` step instead (stage 2's α steps, with their ``label_smoothing``).
+    `loss_and_grads` step without weight gradients instead (stage 2's α steps, with their
+    ``label_smoothing``).
     ``state`` and the host's ``batch`` may be arrays or `shapes_of` them. `Precompiler`
     runs this on background threads, which ``cancelled`` stops."""
-    run = PathRun(compile_only=True, cancelled=cancelled)
+    run = PathRun(compile_only=True, weight_grads=update_weights, cancelled=cancelled)
     if update_weights:
       run.optimizer = self._entry_optimizer(state, run)[0]
     shapes = self.parallel.global_batch_shapes({k: batch[k] for k in ("image", "label")})

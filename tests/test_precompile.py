@@ -26,6 +26,7 @@ from test_supernet import ATTENTION_CELL, batch, candidates_for, make_trainer, s
 
 ROOT = Path(__file__).resolve().parents[1]
 OP_PROGRAMS = ("jit(forward)", "jit(apply)", "jit(<lambda>)", "jit(_backward)",
+               "jit(_backward_to_inputs)",
                "jit(backward_update)", "jit(update)", "jit(add_all)", "jit(_gate_vjp)",
                "jit(_subsample_vjp)", "jit(_cross_entropy_and_grad)")
 

@@ -256,3 +256,17 @@ def test_weight_decay_reaches_bn_and_biases_only_when_asked(decay_bn_and_bias):
       "['bn']['bias']": decay_bn_and_bias, "['bn']['scale']": decay_bn_and_bias,
       "['conv']['kernel']": True, "['dense']['bias']": decay_bn_and_bias,
       "['dense']['kernel']": True}
+
+
+@pytest.mark.parametrize("estimator", ["sampled", "proxyless"])
+def test_without_weight_gradients_the_loss_and_alpha_gradient_are_the_same(estimator):
+  spec, trainer = make_trainer(estimator)
+  state = trainer.init(0, 3)
+  cands, path = candidates_for(spec), [2, 1, 0, 2, 1, 0]
+  metrics, grads, alpha_grad, _ = trainer.loss_and_grads(state, batch(3), cands, path, True)
+  alpha_metrics, none, alpha_only, _ = trainer.loss_and_grads(state, batch(3), cands, path,
+                                                              True, weight_grads=False)
+  assert none is None
+  np.testing.assert_array_equal(alpha_metrics["loss"], metrics["loss"])
+  # The same maths in other programs (XLA fuses them otherwise): equal to float rounding.
+  np.testing.assert_allclose(alpha_only, alpha_grad, rtol=1e-5, atol=1e-6)
