@@ -265,12 +265,12 @@ class ArchSearch:
   def run(self) -> dict:
     epath.Path(self.workdir).mkdir(parents=True, exist_ok=True)
     self.warn_if_unreachable()
-    ckpt = checkpointing.Checkpointer(os.path.join(self.workdir, "checkpoints"),
-                                      self.config.checkpoint.max_to_keep)
-    step, state, _ = ckpt.restore_or_init(self._init_state, self.parallel,
-                                          f"search {self.workdir}")
     hosts = {"process_index": jax.process_index(), "process_count": jax.process_count()}
-    with self.precompiler:
+    with (checkpointing.Checkpointer(os.path.join(self.workdir, "checkpoints"),
+                                     self.config.checkpoint.max_to_keep) as ckpt,
+          self.precompiler):
+      step, state, _ = ckpt.restore_or_init(self._init_state, self.parallel,
+                                            f"search {self.workdir}")
       self.precompile(state, step)  # compiling starts while the data pipelines do
       data = input_pipeline.make_iterator(self.config.data, "search_train",
                                           self.cfg.batch_size, seed=self.config.seed,
@@ -279,8 +279,6 @@ class ArchSearch:
           self.config.data, "search_val", self.cfg.batch_size, seed=self.config.seed,
           start_step=self.alpha_steps_before(step), **hosts)
       state = self._train(state, step, data, held_out, ckpt)
-    ckpt.wait()
-    ckpt.close()
     return self.write_outputs(np.asarray(jax.device_get(state.alpha), np.float64))
 
   def precompile(self, state: supernet.TrainState, step: int) -> None:

@@ -103,6 +103,12 @@ class Checkpointer:
     """Waits for pending saves and releases the manager's resources."""
     self._manager.close()
 
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc_info: Any) -> None:
+    self.close()  # a save still in flight completes, also when the loop raised
+
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
@@ -153,13 +159,17 @@ class Checkpointer:
     return None
 
   def save_on_schedule(self, step: int, arrays: Any, meta: Callable[[], dict],
-                       every_steps: int, total_steps: int) -> None:
+                       every_steps: int, total_steps: int,
+                       before_save: Callable[[], None] = lambda: None) -> None:
     """A training loop's checkpoint call after each step: saves every `every_steps` and
     at the last step; after a SIGTERM saves now, waits, and raises `Preempted`. ``meta``
-    builds the JSON record only when a save is due (stage 1's takes milliseconds)."""
+    builds the JSON record only when a save is due (stage 1's takes milliseconds);
+    ``before_save`` runs first (it may raise to stop a bad state from being saved)."""
     if step % every_steps == 0 or step == total_steps:
+      before_save()
       self.save(step, arrays, meta(), force=step == total_steps)
     if should_stop():
+      before_save()
       self.save(step, arrays, meta(), force=True)
       self.wait()
       raise Preempted(self.directory, step)

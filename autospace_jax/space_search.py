@@ -198,10 +198,10 @@ class SpaceSearch:
   def run(self) -> dict:
     """Train, evolve, and write the learned space; resumes from the latest checkpoint."""
     epath.Path(self.workdir).mkdir(parents=True, exist_ok=True)
-    ckpt = checkpointing.Checkpointer(os.path.join(self.workdir, "checkpoints"),
-                                      self.config.checkpoint.max_to_keep)
-    state, run = self._restore_or_init(ckpt)
-    with self.precompiler:
+    with (checkpointing.Checkpointer(os.path.join(self.workdir, "checkpoints"),
+                                     self.config.checkpoint.max_to_keep) as ckpt,
+          self.precompiler):
+      state, run = self._restore_or_init(ckpt)
       if run.step < self.total_steps:  # compiling starts while the data pipeline does
         self.precompile(state, run, input_pipeline.placeholder_batch(
             self.config.data, self.cfg.batch_size, jax.process_count()))
@@ -210,8 +210,6 @@ class SpaceSearch:
           start_step=run.step, process_index=jax.process_index(),
           process_count=jax.process_count())
       state = self._train(state, run, data, ckpt)
-    ckpt.wait()
-    ckpt.close()
     self.finish(run, state)
     return self.write_outputs(run)
 

@@ -118,30 +118,11 @@ class Trainer:
 
   def run(self) -> dict:
     epath.Path(self.workdir).mkdir(parents=True, exist_ok=True)
-    ckpt = checkpointing.Checkpointer(os.path.join(self.workdir, "checkpoints"),
-                                      self.config.checkpoint.max_to_keep)
-    step, state, meta = ckpt.restore_or_init(self.init_state, self.parallel, self.tag)
-    data = input_pipeline.make_iterator(
-        self.config.data, "train", self.cfg.batch_size, seed=self.config.seed,
-        start_step=step, process_index=jax.process_index(), process_count=jax.process_count())
-    bar = progress.Bar(self.total_steps, self.tag, initial=step)
-    history = list(meta["history"]) if meta else []  # evaluations before a restart
-    eval_every = supernet.epochs_to_steps(self.cfg.eval_every_epochs, self.steps_per_epoch)
-    while step < self.total_steps:
-      state, metrics = self._train_step(state, self.parallel.global_batch(next(data)))
-      step += 1
-      supernet.check_finite(metrics["loss"], self.tag, step)
-      bar.update(step, metrics)
-      if self.writer is not None and step % self.config.log_every_steps == 0:
-        self.writer.write_scalars(step, {k: float(v) for k, v in metrics.items()}, self.tag)
-      if eval_every and step % eval_every == 0 and step < self.total_steps:
-        history.append({"step": step, **self.evaluate(state)})
-      ckpt.save_on_schedule(step, state,
-                            lambda: {"step": step, "history": list(history)},  # a snapshot
-                            self.config.checkpoint.every_steps, self.total_steps)
-    bar.close()
-    ckpt.wait()
-    ckpt.close()
+    with checkpointing.Checkpointer(os.path.join(self.workdir, "checkpoints"),
+                                    self.config.checkpoint.max_to_keep) as ckpt:
+      step, state, meta = ckpt.restore_or_init(self.init_state, self.parallel, self.tag)
+      history = list(meta["history"]) if meta else []  # evaluations before a restart
+      state, step = self._train(state, step, history, ckpt)
     final = self.evaluate(state)
     cost = counting.net_cost(self.net)
     metrics = {"top1": final["top1"], "top5": final["top5"], "params": cost.params,
@@ -155,6 +136,37 @@ class Trainer:
     print(f"{self.tag}: top-1 {final['top1']:.2%} top-5 {final['top5']:.2%} "
           f"params={cost.params:,} madds={cost.madds:,}")
     return metrics
+
+  def _train(self, state: TrainState, step: int, history: list,
+             ckpt: checkpointing.Checkpointer) -> tuple[TrainState, int]:
+    """The training loop from ``step`` on; its evaluations are appended to ``history``."""
+    data = input_pipeline.make_iterator(
+        self.config.data, "train", self.cfg.batch_size, seed=self.config.seed,
+        start_step=step, process_index=jax.process_index(), process_count=jax.process_count())
+    bar = progress.Bar(self.total_steps, self.tag, initial=step)
+    eval_every = supernet.epochs_to_steps(self.cfg.eval_every_epochs, self.steps_per_epoch)
+    previous_loss = None  # checked once the next step is queued
+    while step < self.total_steps:
+      state, metrics = self._train_step(state, self.parallel.global_batch(next(data)))
+      step += 1
+      # Waiting for each step's loss would idle the devices while the host queues the next
+      # step and copies its batch: a non-finite loss stops the run one step later, or at
+      # once where its state would be evaluated or saved.
+      if previous_loss is not None:
+        supernet.check_finite(previous_loss, self.tag, step - 1)
+      previous_loss = metrics["loss"]
+      check = functools.partial(supernet.check_finite, metrics["loss"], self.tag, step)
+      bar.update(step, metrics)
+      if self.writer is not None and step % self.config.log_every_steps == 0:
+        self.writer.write_scalars(step, {k: float(v) for k, v in metrics.items()}, self.tag)
+      if eval_every and step % eval_every == 0 and step < self.total_steps:
+        check()
+        history.append({"step": step, **self.evaluate(state)})
+      ckpt.save_on_schedule(step, state,
+                            lambda: {"step": step, "history": list(history)},  # a snapshot
+                            self.config.checkpoint.every_steps, self.total_steps, check)
+    bar.close()
+    return state, step
 
 
 def load_net(config: ml_collections.ConfigDict, net_path: str) -> netspec.NetSpec:
