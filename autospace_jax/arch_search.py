@@ -285,11 +285,11 @@ class ArchSearch:
     """Queue the compiling of every candidate for the weight steps from ``step`` on, then
     for α steps if any are to come."""
     if step < self.total_steps:
-      batch = input_pipeline.placeholder_batch(self.config.data, self.cfg.batch_size,
-                                               jax.process_count())
-      self.precompiler.submit_candidates(state, batch, self.candidates, False)
+      shapes = supernet.shapes_of((state, input_pipeline.placeholder_batch(
+          self.config.data, self.cfg.batch_size, jax.process_count())))
+      self.precompiler.submit_candidates(*shapes, self.candidates, False)
       if self.alpha_steps_before(self.total_steps) > self.alpha_steps_before(step):
-        self.precompiler.submit_candidates(state, batch, self.candidates, True)
+        self.precompiler.submit_candidates(*shapes, self.candidates, True)
 
   def _train(self, state: supernet.TrainState, step: int, data: Iterator[dict],
              held_out: Iterator[dict], ckpt: checkpointing.Checkpointer

@@ -56,7 +56,7 @@ def covering_cells(genomes: Sequence[supernet.Op]) -> list[supernet.Op]:
 class _Pass:
   """A queued compile-only pass: its arguments, the cells it compiles, its outcome."""
 
-  args: tuple  # (state, batch, candidates, path, train_alpha); arrays as `shapes_of` them
+  args: tuple  # (state, batch, candidates, path, train_alpha); shapes, not arrays
   cells: set
   waited_for: bool
   future: concurrent.futures.Future = dataclasses.field(
@@ -89,13 +89,13 @@ class Precompiler:
              candidates: Sequence[Sequence[supernet.Op]], path: Sequence[int],
              train_alpha: bool) -> None:
     """Queue a pass that compiles what a step on ``path`` would call (unless every cell on
-    it is compiled or queued already); ``state`` and ``batch`` give the shapes only."""
+    it is compiled or queued already). ``state`` and ``batch`` are `supernet.shapes_of`
+    them, made once by the caller: a queued pass holds no arrays."""
     cells = _path_cells(candidates, path, train_alpha)
     with self._changed:
       if cells <= self._compiled.union(*(p.cells for p in self._queued)):
         return
-    self._enqueue(_Pass((*supernet.shapes_of((state, batch)), candidates, path, train_alpha),
-                        cells, True))
+    self._enqueue(_Pass((state, batch, candidates, path, train_alpha), cells, True))
 
   def submit_candidates(self, state: supernet.TrainState, batch: dict,
                         candidates: Sequence[Sequence[supernet.Op]], train_alpha: bool
@@ -117,7 +117,6 @@ class Precompiler:
     if not self._threads:
       return
     covers = [covering_cells(genomes) for genomes in layer_genomes]
-    state, batch = supernet.shapes_of((state, batch))  # a queued pass holds no arrays
     for rank in range(max(map(len, covers), default=0)):  # every layer's best cells first
       for layer, cover in enumerate(covers):
         if rank < len(cover):

@@ -172,17 +172,18 @@ class SpaceSearch:
                         "alpha": alpha.tolist()})
     return new_alpha
 
-  def precompile_next_round(self, run: SpaceRun, state: supernet.TrainState, batch: dict,
-                            steps_to_round: int) -> None:
+  def precompile_next_round(self, run: SpaceRun, state: supernet.TrainState,
+                            shapes: tuple, steps_to_round: int) -> None:
     """Queue passes over the cells the round ``steps_to_round`` steps ahead would swap in
     if α stayed as it is now (a trial round on a copy, with the round's own random
     streams), so that they are usually compiled when it does. Only a guess: the run's
-    results never depend on it; the cells it misses compile when first used."""
+    results never depend on it; the cells it misses compile when first used. ``shapes``:
+    `supernet.shapes_of` the state and a batch, which the passes compile for."""
     # A copy of what a round changes; not the history, which grows every round.
     trial = SpaceRun(run.step + steps_to_round, copy.deepcopy(run.populations),
                      copy.deepcopy(run.slots), run.alpha_steps_since_round + steps_to_round)
     self._evolve(trial, np.asarray(jax.device_get(state.alpha), np.float64))
-    self.precompiler.submit_candidates(state, batch, trial.candidates(), True)
+    self.precompiler.submit_candidates(*shapes, trial.candidates(), True)
 
   def finish(self, run: SpaceRun, state: supernet.TrainState) -> None:
     """Flush the last α into the populations (once) before ranking."""
@@ -202,20 +203,23 @@ class SpaceSearch:
                                      self.config.checkpoint.max_to_keep) as ckpt,
           self.precompiler):
       state, run = self._restore_or_init(ckpt)
+      # What compile-only passes compile for; the same at every step of the stage.
+      shapes = supernet.shapes_of((state, input_pipeline.placeholder_batch(
+          self.config.data, self.cfg.batch_size, jax.process_count())))
       if run.step < self.total_steps:  # compiling starts while the data pipeline does
-        self.precompile(state, run, input_pipeline.placeholder_batch(
-            self.config.data, self.cfg.batch_size, jax.process_count()))
+        self.precompile(state, run, shapes)
       data = input_pipeline.make_iterator(
           self.config.data, "search_train", self.cfg.batch_size, seed=self.config.seed,
           start_step=run.step, process_index=jax.process_index(),
           process_count=jax.process_count())
-      state = self._train(state, run, data, ckpt)
+      state = self._train(state, run, data, ckpt, shapes)
     self.finish(run, state)
     return self.write_outputs(run)
 
   def _train(self, state: supernet.TrainState, run: SpaceRun, data: Iterator[dict],
-             ckpt: checkpointing.Checkpointer) -> supernet.TrainState:
-    """The training loop from ``run.step`` on: steps, evolution rounds, checkpoints."""
+             ckpt: checkpointing.Checkpointer, shapes: tuple) -> supernet.TrainState:
+    """The training loop from ``run.step`` on: steps, evolution rounds, checkpoints;
+    ``shapes`` are what the compile-only passes it queues compile for."""
     bar = progress.Bar(self.total_steps, "space", initial=run.step)
     f = self.cfg.mutation_interval
     first_step = run.step
@@ -226,7 +230,7 @@ class SpaceSearch:
       batch = next(data)
       state, metrics = self.train_step(state, run, batch, evolving)
       if run.step == first_step:
-        self.precompile_covering(state, run, batch)
+        self.precompile_covering(run, shapes)
       run.step += 1
       if evolving:
         run.alpha_steps_since_round += 1
@@ -236,7 +240,7 @@ class SpaceSearch:
             state = self.evolution_round(run, state)
           # Guesses at the next round's cells, from α early in the interval and later.
           elif self.config.precompile_threads and steps_to_round in (f - 1, f // 2, f // 4):
-            self.precompile_next_round(run, state, batch, steps_to_round)
+            self.precompile_next_round(run, state, shapes, steps_to_round)
       bar.update(run.step, metrics)
       if self.writer is not None and run.step % self.config.log_every_steps == 0:
         self.writer.write_scalars(run.step, {k: float(v) for k, v in metrics.items()},
@@ -246,25 +250,25 @@ class SpaceSearch:
     bar.close()
     return state
 
-  def precompile(self, state: supernet.TrainState, run: SpaceRun, batch: dict) -> None:
-    """Queue the compiling of the first step's own path (it waits for that pass alone),
-    of every current candidate (the next steps wait for these), and of α's programs if
-    the run is still warming up."""
+  def precompile(self, state: supernet.TrainState, run: SpaceRun, shapes: tuple) -> None:
+    """Queue the compiling (for ``shapes``: `supernet.shapes_of` the state and a batch) of
+    the first step's own path (it waits for that pass alone), of every current candidate
+    (the next steps wait for these), and of α's programs if the run is still warming
+    up."""
     evolving = run.step >= self.warmup_steps
-    self.precompiler.submit(state, batch, run.candidates(),
-                            self.step_path(state, run, evolving), evolving)
-    self.precompiler.submit_candidates(state, batch, run.candidates(), evolving)
+    self.precompiler.submit(*shapes, run.candidates(), self.step_path(state, run, evolving),
+                            evolving)
+    self.precompiler.submit_candidates(*shapes, run.candidates(), evolving)
     if not evolving:  # what the first evolving step adds: α's gates and update
-      self.precompiler.submit(state, batch, run.candidates(), [0] * len(self.shapes), True)
+      self.precompiler.submit(*shapes, run.candidates(), [0] * len(self.shapes), True)
 
-  def precompile_covering(self, state: supernet.TrainState, run: SpaceRun, batch: dict
-                          ) -> None:
+  def precompile_covering(self, run: SpaceRun, shapes: tuple) -> None:
     """Queue passes covering every program a feasible cell can call, so that later cells
     find theirs compiled. Queued once the first step has run: until then their tracing
     would only compete for the GIL with the loop building its data pipeline."""
     all_genomes = list(genome_lib.all_genomes(self.cfg.codes))
     self.precompiler.submit_covering(
-        state, batch, run.candidates(),
+        *shapes, run.candidates(),
         [[g for g in all_genomes if self._feasible(layer, False)(g)]
          for layer in range(len(self.shapes))])
 

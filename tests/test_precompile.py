@@ -286,7 +286,7 @@ def recorded_stage_one(tmp_path, with_candidates=False):
 def test_stage_one_queues_the_first_steps_own_path_before_the_candidates(tmp_path):
   search, trainer, run, state = recorded_stage_one(tmp_path)
   first_path = search.step_path(state, run, False)
-  search.precompile(state, run, None)
+  search.precompile(state, run, (state, None))
   search.precompiler.wait_for(run.candidates(), first_path, False)
   search.precompiler.close()
   assert trainer.paths[0] == (first_path, False)
@@ -294,7 +294,7 @@ def test_stage_one_queues_the_first_steps_own_path_before_the_candidates(tmp_pat
 
 def test_a_warming_up_stage_one_also_queues_alphas_programs_after_the_candidates(tmp_path):
   search, trainer, run, state = recorded_stage_one(tmp_path)
-  search.precompile(state, run, None)
+  search.precompile(state, run, (state, None))
   search.precompiler.wait_for(run.candidates(), [0] * len(search.shapes), True)
   search.precompiler.close()
   warmup_passes = 1 + search.cfg.num_cells
@@ -307,7 +307,7 @@ def test_a_trial_round_queues_the_cells_the_round_swaps_in_if_alpha_stays(tmp_pa
   run.step, run.alpha_steps_since_round = search.warmup_steps + 1, 1
   state = state.replace(alpha=np.random.default_rng(0).normal(size=state.alpha.shape))
   before = copy.deepcopy(run)
-  search.precompile_next_round(run, state, None, steps_to_round=2)
+  search.precompile_next_round(run, state, (state, None), steps_to_round=2)
   assert run.to_json() == before.to_json()  # the trial round ran on a copy
   run.step, run.alpha_steps_since_round = run.step + 2, 3
   search.evolution_round(run, state)
@@ -475,16 +475,17 @@ class StateRecordingTrainer:
     self.args.append((state, batch))
 
 
-def test_a_queued_pass_holds_the_shapes_of_the_state_and_batch_not_their_arrays():
-  _, trainer = make_trainer("sampled")
-  state = trainer.init(0, 3)
+def test_stage_one_queues_passes_holding_the_shapes_of_its_state_and_batch_not_arrays(
+    tmp_path):
+  config = short_schedule(tiny_config(), warmup=0.1, main=0.3)
+  search = space_search.SpaceSearch(config, str(tmp_path))
   recorder = StateRecordingTrainer()
-  precompiler = precompile.Precompiler(recorder.compile_path, threads=1)
-  precompiler.submit(state, batch(5), CELLS, [0, 0], False)
-  precompiler.wait_for(CELLS, [0, 0], False)
-  precompiler.close()
-  (held_state, held_batch), = recorder.args
-  assert all(isinstance(leaf, jax.ShapeDtypeStruct)
-             for leaf in jax.tree.leaves((held_state, held_batch)))
-  assert jax.tree.map(lambda x: (x.shape, x.dtype), held_state) == jax.tree.map(
-      lambda x: (x.shape, x.dtype), state)
+  search.precompiler = precompile.Precompiler(recorder.compile_path, threads=1)
+  search.run()  # its first passes, covering passes and trial rounds
+  assert len(recorder.args) > 2 * search.cfg.num_cells
+  state = search.trainer.init(0, search.cfg.num_cells)
+  for held_state, held_batch in recorder.args:
+    assert all(isinstance(leaf, jax.ShapeDtypeStruct)
+               for leaf in jax.tree.leaves((held_state, held_batch)))
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), held_state) == jax.tree.map(
+        lambda x: (x.shape, x.dtype), state)
