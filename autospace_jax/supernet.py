@@ -42,6 +42,7 @@ from autospace_jax import cells
 from autospace_jax import genome as genome_lib
 from autospace_jax import netspec
 from autospace_jax import ops
+from autospace_jax import program_store
 from autospace_jax import seeding
 from autospace_jax.parallel import DataParallel
 
@@ -138,27 +139,68 @@ def compile_options(platform: str) -> dict[str, Any]:
 
 class PlatformJit:
   """``jax.jit(fun, **kwargs)`` compiled with `compile_options` of the default backend,
-  chosen at the first call or lowering (import time is too early to ask for a backend)."""
+  chosen at the first call or lowering (import time is too early to ask for a backend).
 
-  def __init__(self, fun: Callable, **kwargs: Any):
+  ``cache_id``, if given, names what ``fun`` computes, closure included, stably across
+  processes: compile-only passes then store its compiled programs (`program_store`) and
+  later processes load them instead of tracing; calls with a loaded program's argument
+  signature run it directly (`Compiled` call, as fast as jit's own dispatch).
+  """
+
+  def __init__(self, fun: Callable, cache_id: str | None = None, **kwargs: Any):
     functools.update_wrapper(self, fun)
     self._fun, self._kwargs = fun, kwargs
+    self.cache_id = cache_id
     self._lock = threading.Lock()
     self._jitted: Callable | None = None
+    self._loaded: dict[tuple, Any] = {}  # call signature -> loaded `Compiled`
 
   def _get(self) -> Any:
     if self._jitted is None:
       with self._lock:
         if self._jitted is None:
-          self._jitted = jax.jit(self._fun, **self._kwargs, compiler_options=compile_options(
+          fun = self._fun
+          if self.cache_id and program_store.directory():
+            fun = program_store.renamed(fun)
+          self._jitted = jax.jit(fun, **self._kwargs, compiler_options=compile_options(
               jax.default_backend()) or None)
     return self._jitted
 
   def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    if self._loaded:
+      compiled = self._loaded.get(call_signature(args, kwargs))
+      if compiled is not None:
+        return compiled(*args)
     return self._get()(*args, **kwargs)
 
   def trace(self, *args: Any, **kwargs: Any) -> Any:
     return self._get().trace(*args, **kwargs)
+
+  def load(self, signature: tuple, compiled: Any) -> None:
+    """Run ``compiled`` for calls with this `call_signature` (static arguments by
+    keyword, as `compile_path` passes them)."""
+    self._loaded[signature] = compiled
+
+
+def _leaf_signature(leaf: Any) -> tuple:
+  if hasattr(leaf, "shape"):
+    return tuple(leaf.shape), leaf.dtype, getattr(leaf, "weak_type", False)
+  return (type(leaf),)
+
+
+def call_signature(args: tuple, static: dict) -> tuple:
+  """What selects a compiled program for a call: the arguments' tree, each leaf's shape,
+  dtype and weak type (arrays, tracers and `jax.ShapeDtypeStruct` alike), and the static
+  arguments. Shardings are not in it: stored programs are single-device."""
+  leaves, tree = jax.tree.flatten(args)
+  return tree, tuple(map(_leaf_signature, leaves)), tuple(sorted(static.items()))
+
+
+def _signature_text(cache_id: str, signature: tuple) -> str:
+  """`call_signature` as text that is the same in every process."""
+  tree, leaves, static = signature
+  return repr((cache_id, str(tree), [(s[0], str(s[1]), s[2]) if len(s) == 3 else
+                                     s[0].__qualname__ for s in leaves], static))
 
 
 def _module_apply(module: flax.linen.Module) -> Callable:
@@ -185,33 +227,63 @@ def _built_once(factory: Callable) -> Callable:
   return build
 
 
+def _op_id(module_class: type, frozen_kwargs: tuple) -> str:
+  """A stable name for an op kind: its module class and settings (`PlatformJit.cache_id`)."""
+  return f"{module_class.__module__}.{module_class.__qualname__}{frozen_kwargs!r}"
+
+
 @_built_once
 def _jitted_op(module_class: type, frozen_kwargs: tuple) -> Callable:
   """One jitted forward per op kind (no gradients); jit's cache keys it by shapes."""
-  return PlatformJit(_module_apply(module_class(**dict(frozen_kwargs))))
+  return PlatformJit(_module_apply(module_class(**dict(frozen_kwargs))),
+                     cache_id="op:" + _op_id(module_class, frozen_kwargs))
 
 
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
 class _Forwarded:
-  """Stands, in the VJP a forward program returns, for a residual that is the program's
-  ``index``-th argument leaf (an op's input or weights). jit copies every output, so
-  returning such residuals would copy each activation once more per op; the backward
-  program takes the forward's arguments instead (`Pullback`)."""
+  """Stands, among the residuals a forward program returns, for one that is the
+  program's ``index``-th argument leaf (an op's input or weights). jit copies every
+  output, so returning such residuals would copy each activation once more per op; the
+  backward program takes the forward's arguments instead (`Pullback`)."""
 
   index: int
 
 
-def _forwarding_inputs(fun: Callable) -> Callable:
-  """``fun(*args) -> (out, vjp, *aux)``, with the VJP's residuals that are leaves of
-  ``args`` replaced by `_Forwarded` (tracers are told apart by identity)."""
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class _VjpTree:
+  """Names, among a forward program's outputs, the tree its residuals unflatten to (a
+  VJP function, `_vjp_trees`): the program's `_signature_text`, the same in every
+  process. The VJP's own tree holds a function of one trace, which could be neither
+  stored with the program nor matched by a program loaded from disk."""
+
+  name: str
+
+
+_vjp_trees: dict[_VjpTree, Any] = {}  # registered when a forward program is traced
+_vjp_sources: dict[_VjpTree, tuple] = {}  # (program, args, static) of loaded forwards
+
+
+def _forwarding_inputs(fun: Callable, cache_id: str) -> Callable:
+  """``fun(*args) -> (out, vjp, *aux)`` as ``(out, (_VjpTree, residuals), *aux)``: the
+  VJP's residual leaves, those that are leaves of ``args`` replaced by `_Forwarded`
+  (tracers are told apart by identity), and the name of its tree."""
   @functools.wraps(fun)
   def forward(*args, **static):
     out, vjp, *aux = fun(*args, **static)
+    residuals, tree = jax.tree.flatten(vjp)
+    name = _VjpTree(_signature_text(cache_id, call_signature(args, static)))
+    _vjp_trees[name] = tree
     index = {id(leaf): i for i, leaf in enumerate(jax.tree.leaves(args))}
-    vjp = jax.tree.map(lambda r: _Forwarded(index[id(r)]) if id(r) in index else r, vjp)
-    return (out, vjp, *aux)
+    return (out, (name, tuple(_Forwarded(index[id(r)]) if id(r) in index else r
+                              for r in residuals)), *aux)
   return forward
+
+
+def _vjp_program(fun: Callable, cache_id: str, **kwargs: Any) -> PlatformJit:
+  """A jitted `_forwarding_inputs` forward."""
+  return PlatformJit(_forwarding_inputs(fun, cache_id), cache_id=cache_id, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,45 +291,53 @@ class Pullback:
   """A taped VJP: its residuals, and the leaves of the arguments of the forward program
   that made them, which the `_Forwarded` residuals refer to."""
 
-  residuals: Any
+  residuals: tuple  # (_VjpTree, residual leaves)
   arguments: tuple
 
 
-def _restored(residuals: Any, arguments: tuple) -> Callable:
+def _vjp_tree(name: _VjpTree) -> Any:
+  """The VJP tree ``name`` stands for; a forward that was loaded, not traced, is traced
+  now (once, the first time a backward program of it must be)."""
+  if name not in _vjp_trees:
+    program, args, static = _vjp_sources[name]
+    program.trace(*args, **static)  # registers it
+  return _vjp_trees[name]
+
+
+def _restored(residuals: tuple, arguments: tuple) -> Callable:
   """The VJP with its `_Forwarded` residuals replaced by the arguments they stand for."""
-  return jax.tree.map(lambda r: arguments[r.index] if isinstance(r, _Forwarded) else r,
-                      residuals, is_leaf=lambda r: isinstance(r, _Forwarded))
+  name, leaves = residuals
+  return jax.tree.unflatten(_vjp_tree(name), [
+      arguments[r.index] if isinstance(r, _Forwarded) else r for r in leaves])
 
 
-@PlatformJit
-def _backward(residuals: Any, arguments: tuple, cotangent: Any) -> Any:
+@functools.partial(PlatformJit, cache_id="backward")
+def _backward(residuals: tuple, arguments: tuple, cotangent: Any) -> Any:
   return _restored(residuals, arguments)(cotangent)
 
 
-@PlatformJit
-def _backward_to_inputs(residuals: Any, arguments: tuple, cotangent: Any) -> Any:
+@functools.partial(PlatformJit, cache_id="backward_to_inputs")
+def _backward_to_inputs(residuals: tuple, arguments: tuple, cotangent: Any) -> Any:
   """`_backward` without the parameters' cotangent, whose computation XLA then drops."""
   return _restored(residuals, arguments)(cotangent)[1:]
 
 
 @_built_once
 def _jitted_op_vjp(module_class: type, frozen_kwargs: tuple, wrt_inputs: bool) -> Callable:
-  """The op's forward that also returns its VJP: ``(out, vjp, new_stats)``.
+  """The op's forward that also returns its VJP: ``(out, residuals, new_stats)``.
 
-  The VJP is a pytree of residuals (`_forwarding_inputs`); `_backward` applies it to the
+  The residuals come from `_forwarding_inputs`; `_backward` applies the VJP to the
   output's cotangent and returns cotangents for the params (and the inputs, if
   ``wrt_inputs``).
   """
   apply = _module_apply(module_class(**dict(frozen_kwargs)))
 
-  @PlatformJit
-  @_forwarding_inputs
   def forward(params, batch_stats, *inputs):
     differentiated, constant = (inputs, ()) if wrt_inputs else ((), inputs)
     return jax.vjp(lambda p, *x: apply(p, batch_stats, *x, *constant), params,
                    *differentiated, has_aux=True)
 
-  return forward
+  return _vjp_program(forward, f"op_vjp:{_op_id(module_class, frozen_kwargs)}:{wrt_inputs}")
 
 
 def _op_kwargs(module_class: type, kwargs: dict, bn: dict) -> tuple:
@@ -287,9 +367,12 @@ def _covering_genomes(conv_codes: Sequence[int]) -> list[genome_lib.Genome]:
 
 @functools.lru_cache(maxsize=None)
 def _abstract_init(module: flax.linen.Module, inputs: tuple) -> tuple[Any, Any]:
-  """Shapes of an op's output and variables (ops recur across genomes and layers)."""
-  return jax.eval_shape(
-      lambda *x: module.init_with_output(jax.random.PRNGKey(0), *x, train=True), *inputs)
+  """Shapes of an op's output and variables (ops recur across genomes and layers): traced
+  once, then read from `program_store` (~25 ms of tracing each, ~100 per supernet)."""
+  return program_store.cached_value(
+      f"abstract_init:{module!r}:{[(i.shape, str(i.dtype)) for i in inputs]}",
+      lambda: jax.eval_shape(
+          lambda *x: module.init_with_output(jax.random.PRNGKey(0), *x, train=True), *inputs))
 
 
 def _bank_modules(shape: LayerShape, spec: SupernetSpec, layer: int) -> dict[str, Any]:
@@ -568,7 +651,8 @@ def shapes_of(tree: Any) -> Any:
 def _compile_once(program: Callable, args: tuple, static: dict, run: PathRun) -> Any:
   """Lower ``program`` for these arguments' shapes and shardings, queue its compile (added
   to ``run.compiles``) and return its output shapes; a program another compile-only pass
-  compiles (or compiled) is not compiled again. Static arguments must be passed by keyword
+  compiles (or compiled) is not compiled again, and one stored by an earlier process
+  (`program_store`) is loaded instead. Static arguments must be passed by keyword
   (positional ones are keyed by type only)."""
   if run.cancelled is not None and run.cancelled():
     raise concurrent.futures.CancelledError()
@@ -584,19 +668,28 @@ def _compile_once(program: Callable, args: tuple, static: dict, run: PathRun) ->
       compiling = table[key] = _Compiling()
   if compiling_here:
     try:
-      traced = program.trace(*args, **static)
-      lowered = traced.lower()
-      outputs = _outputs_before_compiling(traced.out_avals, args)
-      if outputs is None:
-        compiled = lowered.compile().out_info
-        compiling.outputs.set_result(_output_shapes(
-            traced.out_avals, jax.tree.map(lambda o: o.sharding, compiled)))
+      device = _single_device(args)
+      stored_as = (_signature_text(program.cache_id, call_signature(args, static))
+                   if device is not None and getattr(program, "cache_id", None) else None)
+      loaded = stored_as and program_store.load_executable(stored_as, device)
+      if loaded:
+        _use_loaded(program, args, static, *loaded)
+        compiling.outputs.set_result(_replicated_outputs(loaded[1], args))
         compiling.compiled.set_result(None)
       else:
-        compiling.outputs.set_result(outputs)
-        with _compilations_lock:  # so that `cancel_queued_compiles` sees every job
-          compiling.job = _compiler.submit(_compile, program, lowered, outputs, key,
-                                           compiling)
+        traced = program.trace(*args, **static)
+        lowered = traced.lower()
+        if device is None:
+          compiled = lowered.compile().out_info
+          compiling.outputs.set_result(_output_shapes(
+              traced.out_avals, jax.tree.map(lambda o: o.sharding, compiled)))
+          compiling.compiled.set_result(None)
+        else:
+          outputs = _replicated_outputs(traced.out_avals, args)
+          compiling.outputs.set_result(outputs)
+          with _compilations_lock:  # so that `cancel_queued_compiles` sees every job
+            compiling.job = _compiler.submit(_compile, program, lowered, outputs, key,
+                                             compiling, stored_as)
     except BaseException as error:
       _failed(program, key, compiling, error)
   run.compiles.append(compiling.compiled)
@@ -605,14 +698,29 @@ def _compile_once(program: Callable, args: tuple, static: dict, run: PathRun) ->
   return jax.tree.map(copy.copy, compiling.outputs.result())
 
 
-def _outputs_before_compiling(out_avals: Any, args: tuple) -> Any | None:
-  """A traced program's output shapes where they are known before it compiles: on one
-  device every output is replicated. On a mesh XLA's sharding propagation decides their
-  shardings, so they are known once it has compiled (None)."""
+def _use_loaded(program: PlatformJit, args: tuple, static: dict, compiled: Any,
+                out_avals: Any) -> None:
+  """Let calls with these arguments run a program loaded from disk; a loaded forward is
+  remembered, in case a backward of it must be traced (`_vjp_tree`)."""
+  program.load(call_signature(args, static), compiled)
+  residuals = out_avals[1] if isinstance(out_avals, tuple) and len(out_avals) > 1 else None
+  if isinstance(residuals, tuple) and residuals and isinstance(residuals[0], _VjpTree):
+    _vjp_sources.setdefault(residuals[0], (program, args, static))
+
+
+def _single_device(args: tuple) -> jax.Device | None:
+  """The device of arguments placed on a one-device mesh, where every output is
+  replicated, so that a lowered program's outputs are known before it compiles; None on
+  a larger mesh, where XLA's sharding propagation decides them."""
   mesh = next((a.sharding.mesh for a in jax.tree.leaves(args)
                if isinstance(getattr(a, "sharding", None), NamedSharding)), None)
-  if mesh is None or mesh.size != 1:
-    return None
+  return None if mesh is None or mesh.size != 1 else mesh.devices.flat[0]
+
+
+def _replicated_outputs(out_avals: Any, args: tuple) -> Any:
+  """Output shapes of a program on the one-device mesh of its ``args``."""
+  mesh = next(a.sharding.mesh for a in jax.tree.leaves(args)
+              if isinstance(getattr(a, "sharding", None), NamedSharding))
   replicated = NamedSharding(mesh, PartitionSpec())
   return _output_shapes(out_avals, jax.tree.map(lambda _: replicated, out_avals))
 
@@ -626,12 +734,18 @@ def _output_shapes(out_avals: Any, shardings: Any) -> Any:
 
 
 def _compile(program: Callable, lowered: Any, outputs: Any, key: tuple,
-             compiling: _Compiling) -> None:
+             compiling: _Compiling, stored_as: str | None) -> None:
+  """Compile on the pool; store the program under ``stored_as`` (if any) for later
+  processes."""
   try:
-    compiled_outputs = lowered.compile().out_info
+    compiled, fresh = program_store.compile_fresh(lowered)
   except BaseException as error:
     _failed(program, key, compiling, error)
     return
+  if stored_as and fresh:
+    program_store.save_executable(stored_as, compiled, jax.tree.map(
+        lambda o: jax.ShapeDtypeStruct(o.shape, o.dtype, weak_type=o.weak_type), outputs))
+  compiled_outputs = compiled.out_info
   if ([o.sharding for o in jax.tree.leaves(compiled_outputs)]
       != [o.sharding for o in jax.tree.leaves(outputs)]):
     logging.warning("%s: output shardings differ from those its pass assumed; steps "
@@ -654,11 +768,10 @@ def _fail(compiling: _Compiling, error: BaseException) -> None:
 
 
 # Sums cotangents that reach one source from several consumers (arrays or param trees).
-_accumulate = PlatformJit(lambda a, b: jax.tree.map(jnp.add, a, b))
+_accumulate = PlatformJit(lambda a, b: jax.tree.map(jnp.add, a, b), cache_id="accumulate")
 
 
-@functools.partial(PlatformJit, static_argnames="stride")
-@_forwarding_inputs
+@functools.partial(_vjp_program, cache_id="subsample_vjp", static_argnames="stride")
 def _subsample_vjp(x: jax.Array, stride: int) -> tuple[jax.Array, Any]:
   return jax.vjp(lambda v: ops.subsample(v, stride), x)
 
@@ -693,12 +806,11 @@ def _cell_forward(shape: LayerShape, op: Op, slot: int, x: jax.Array, params: di
 
 
 # Glue between ops: each is one cached program call.
-_jitted_add = PlatformJit(cells.add_all)
-_zeros_like = PlatformJit(jnp.zeros_like)
+_jitted_add = PlatformJit(cells.add_all, cache_id="add")
+_zeros_like = PlatformJit(jnp.zeros_like, cache_id="zeros_like")
 
 
-@functools.partial(PlatformJit, static_argnames="estimator")
-@_forwarding_inputs
+@functools.partial(_vjp_program, cache_id="gate_vjp", static_argnames="estimator")
 def _gate_vjp(y: jax.Array, alpha: jax.Array, mask: jax.Array | None, layer: int,
               choice: int, others: tuple[jax.Array, ...], estimator: str
               ) -> tuple[jax.Array, Any]:
@@ -786,12 +898,15 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float) 
 
 
 _cross_entropy_and_grad = PlatformJit(jax.value_and_grad(cross_entropy),
+                                      cache_id="cross_entropy_and_grad",
                                       static_argnames="label_smoothing")
 
 
-@jax.jit
 def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return jnp.mean(jnp.argmax(logits, -1) == labels)
+
+
+_jitted_accuracy = PlatformJit(accuracy, cache_id="accuracy")
 
 
 def decay_mask(params: Any) -> Any:
@@ -874,7 +989,9 @@ def _jitted_entry_updates(weight_decay: float, momentum: float, decay_bn_and_bia
     grads, *input_cotangents = _restored(residuals, arguments)(cotangent)
     return (*update(params, opt_state, grads, learning_rate), tuple(input_cotangents))
 
-  return PlatformJit(update), PlatformJit(backward_update)
+  settings = f"{weight_decay!r},{momentum!r},{decay_bn_and_bias}"
+  return (PlatformJit(update, cache_id=f"entry_update:{settings}"),
+          PlatformJit(backward_update, cache_id=f"backward_update:{settings}"))
 
 
 def _zero_state(tx: optax.GradientTransformation, params: Any) -> Any:
@@ -984,7 +1101,7 @@ class SupernetTrainer:
     smoothing = self.label_smoothing if label_smoothing is None else label_smoothing
     ce, logits_ct = run.call(_cross_entropy_and_grad, logits, labels,
                              label_smoothing=smoothing)
-    metrics = {"loss": ce, "accuracy": run.call(accuracy, logits, labels)}
+    metrics = {"loss": ce, "accuracy": run.call(_jitted_accuracy, logits, labels)}
     return metrics, run.backward(logits, logits_ct)
 
   def compile_path(self, state: TrainState, batch: dict, candidates: Sequence[Sequence[Op]],

@@ -19,6 +19,7 @@ import pytest
 
 from autospace_jax import genome as genome_lib
 from autospace_jax import precompile
+from autospace_jax import program_store
 from autospace_jax import space_search
 from autospace_jax import supernet
 from conftest import short_schedule, tiny_config
@@ -32,11 +33,13 @@ OP_PROGRAMS = ("jit(forward)", "jit(apply)", "jit(<lambda>)", "jit(_backward)",
 
 
 def compiled_programs():
-  """Names of the programs compiled on this thread from now on."""
+  """Names of the programs compiled on this thread from now on (without the salt that
+  `program_store.renamed` adds to stored programs' names)."""
   names = []
   thread = threading.current_thread()
   jax.monitoring.register_event_duration_secs_listener(
-      lambda event, duration, **kw: names.append(kw.get("fun_name"))
+      lambda event, duration, **kw: names.append(
+          kw.get("fun_name").replace(f"_{program_store.salt()}", ""))
       if event == "/jax/core/compile/backend_compile_duration"
       and threading.current_thread() is thread else None)
   return names
