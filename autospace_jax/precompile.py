@@ -2,7 +2,8 @@
 
 The supernet runs every op of the sampled cells as its own small jitted program (see
 supernet.py): a few hundred programs in all, each compiled the first time its op kind and
-shape is reached (0.05-0.3 s each on XLA:CPU). Rather than stop the training loop for
+shape is reached (0.05-0.3 s each on XLA:CPU; a later process loads what passes compiled
+from `program_store`, ~2 ms each). Rather than stop the training loop for
 each one, a `Precompiler` compiles them ahead, in compile-only passes
 (`SupernetTrainer.compile_path`: the step's programs are lowered and compiled from the
 shapes of the state and batch, and nothing runs on the devices, so the passes are safe on
