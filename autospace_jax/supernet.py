@@ -139,6 +139,9 @@ def compile_options(platform: str) -> dict[str, Any]:
   return dict(CPU_COMPILE_OPTIONS)
 
 
+_UNSEEN = object()
+
+
 class PlatformJit:
   """``jax.jit(fun, **kwargs)`` compiled with `compile_options` of the default backend,
   chosen at the first call or lowering (import time is too early to ask for a backend).
@@ -185,9 +188,10 @@ class PlatformJit:
       key = (tree, tuple([leaf.aval for leaf in leaves]), tuple(static.items()))
     except AttributeError:  # a Python scalar or a NumPy array among the arguments
       return self._loaded.get(call_signature(args, static))
-    if key not in self._loaded_by_avals:
-      self._loaded_by_avals[key] = self._loaded.get(call_signature(args, static))
-    return self._loaded_by_avals[key]
+    compiled = self._loaded_by_avals.get(key, _UNSEEN)
+    if compiled is _UNSEEN:  # (`load` may clear the table meanwhile, on a pass's thread)
+      compiled = self._loaded_by_avals[key] = self._loaded.get(call_signature(args, static))
+    return compiled
 
   def trace(self, *args: Any, **kwargs: Any) -> Any:
     return self._get().trace(*args, **kwargs)

@@ -9,9 +9,13 @@ import sys
 import textwrap
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from autospace_jax import program_store
+from autospace_jax import supernet
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,3 +103,17 @@ def test_identities_are_named_per_environment_and_never_by_an_address(identity):
   else:
     assert key == program_store.entry_key(identity) != program_store.entry_key(identity + "!")
     assert len(key) == 64
+
+
+def test_a_program_runs_what_was_loaded_for_a_call_signature_and_jits_the_rest():
+  program = supernet.PlatformJit(lambda x: x + 1, cache_id="plus_one")
+  times_ten = jax.jit(lambda x: x * 10)
+  three, four = jnp.ones(3), jnp.ones(4)
+  assert program(four).tolist() == [2.0] * 4  # nothing loaded: jit
+  # A stand-in that computes something else shows which one ran.
+  program.load(supernet.call_signature((three,), {}), times_ten.trace(three).lower().compile())
+  assert program(three).tolist() == [10.0] * 3
+  assert program(four).tolist() == [2.0] * 4  # no program loaded for this signature
+  program.load(supernet.call_signature((four,), {}), times_ten.trace(four).lower().compile())
+  assert program(four).tolist() == [10.0] * 4  # the call it missed before now matches
+  assert program(np.ones(3, np.float32)).tolist() == [10.0] * 3  # NumPy: matched by shape
