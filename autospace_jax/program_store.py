@@ -21,12 +21,14 @@ import importlib.metadata
 import logging
 import os
 import pickle
-import tempfile
 import threading
 from typing import Any, Callable
 
+from etils import epath
 import jax
 from jax.experimental import serialize_executable
+
+from autospace_jax import files
 
 SUBDIRECTORY = "autospace_programs"
 
@@ -102,34 +104,33 @@ def entry_key(identity: str) -> str | None:
   return hashlib.sha256(f"{environment()}|{identity}".encode()).hexdigest()
 
 
-def _read(key: str | None) -> Any | None:
+def _path(key: str | None) -> epath.Path | None:
   folder = directory()
-  if folder is None or key is None:
-    return None
-  path = os.path.join(folder, key)
+  return None if folder is None or key is None else epath.Path(folder) / key
+
+
+def _read(key: str | None) -> Any | None:
+  path = _path(key)
   try:
-    with open(path, "rb") as f:
-      return pickle.load(f)
-  except FileNotFoundError:
-    return None
+    if path is None or not path.exists():
+      return None
+    return pickle.loads(path.read_bytes())
   except Exception as error:  # pylint: disable=broad-except
     logging.warning("ignoring unreadable stored program %s: %r", path, error)
     return None
 
 
 def _write(key: str | None, value: Any) -> None:
-  """Write atomically (a reader sees the whole entry or none); a failure only costs the
-  next run a trace."""
-  folder = directory()
-  if folder is None or key is None:
+  """Write whole or not at all (`files.write_bytes`); a failure only costs the next run
+  a trace."""
+  path = _path(key)
+  if path is None:
     return
   try:
-    os.makedirs(folder, exist_ok=True)
-    with tempfile.NamedTemporaryFile("wb", dir=folder, delete=False) as f:
-      pickle.dump(value, f, protocol=pickle.HIGHEST_PROTOCOL)
-    os.replace(f.name, os.path.join(folder, key))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    files.write_bytes(path, pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
   except Exception as error:  # pylint: disable=broad-except
-    logging.warning("could not store a compiled program in %s: %r", folder, error)
+    logging.warning("could not store a compiled program in %s: %r", path.parent, error)
 
 
 def load_executable(identity: str, device: jax.Device) -> tuple[Any, Any] | None:
