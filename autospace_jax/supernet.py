@@ -677,10 +677,10 @@ def _compile_once(program: Callable, args: tuple, static: dict, run: PathRun) ->
   (positional ones are keyed by type only)."""
   if run.cancelled is not None and run.cancelled():
     raise concurrent.futures.CancelledError()
-  signature = tuple((a.shape, a.dtype, getattr(a, "weak_type", False),
+  leaf_keys = tuple((a.shape, a.dtype, getattr(a, "weak_type", False),
                      getattr(a, "sharding", None)) if hasattr(a, "shape") else type(a)
                     for a in jax.tree.leaves(args))
-  key = (jax.tree.structure(args), signature, tuple(sorted(static.items())))
+  key = (jax.tree.structure(args), leaf_keys, tuple(sorted(static.items())))
   with _compilations_lock:
     table = _compilations.setdefault(program, {})
     compiling = table.get(key)
@@ -690,11 +690,12 @@ def _compile_once(program: Callable, args: tuple, static: dict, run: PathRun) ->
   if compiling_here:
     try:
       device = _single_device(args)
-      stored_as = (_signature_text(program.cache_id, call_signature(args, static))
+      signature = call_signature(args, static)
+      stored_as = (_signature_text(program.cache_id, signature)
                    if device is not None and getattr(program, "cache_id", None) else None)
       loaded = stored_as and program_store.load_executable(stored_as, device)
       if loaded:
-        _use_loaded(program, args, static, *loaded)
+        _use_loaded(program, signature, args, static, *loaded)
         compiling.outputs.set_result(_replicated_outputs(loaded[1], args))
         compiling.compiled.set_result(None)
       else:
@@ -710,7 +711,7 @@ def _compile_once(program: Callable, args: tuple, static: dict, run: PathRun) ->
           compiling.outputs.set_result(outputs)
           with _compilations_lock:  # so that `cancel_queued_compiles` sees every job
             compiling.job = _compiler.submit(_compile, program, lowered, outputs, key,
-                                             compiling, stored_as)
+                                             compiling, signature, stored_as)
     except BaseException as error:
       _failed(program, key, compiling, error)
   run.compiles.append(compiling.compiled)
@@ -719,11 +720,11 @@ def _compile_once(program: Callable, args: tuple, static: dict, run: PathRun) ->
   return jax.tree.map(copy.copy, compiling.outputs.result())
 
 
-def _use_loaded(program: PlatformJit, args: tuple, static: dict, compiled: Any,
-                out_avals: Any) -> None:
-  """Let calls with these arguments run a program loaded from disk; a loaded forward is
-  remembered, in case a backward of it must be traced (`_vjp_tree`)."""
-  program.load(call_signature(args, static), compiled)
+def _use_loaded(program: PlatformJit, signature: tuple, args: tuple, static: dict,
+                compiled: Any, out_avals: Any) -> None:
+  """Let calls with this `call_signature` run a program loaded from disk; a loaded forward
+  is remembered, in case a backward of it must be traced (`_vjp_tree`)."""
+  program.load(signature, compiled)
   residuals = out_avals[1] if isinstance(out_avals, tuple) and len(out_avals) > 1 else None
   if isinstance(residuals, tuple) and residuals and isinstance(residuals[0], _VjpTree):
     _vjp_sources.setdefault(residuals[0], (program, args, static))
@@ -755,9 +756,10 @@ def _output_shapes(out_avals: Any, shardings: Any) -> Any:
 
 
 def _compile(program: Callable, lowered: Any, outputs: Any, key: tuple,
-             compiling: _Compiling, stored_as: str | None) -> None:
-  """Compile on the pool; store the program under ``stored_as`` (if any) for later
-  processes."""
+             compiling: _Compiling, signature: tuple, stored_as: str | None) -> None:
+  """Compile on the pool; calls with this `call_signature` then run the result (rather
+  than count on jit's own caches, which may have let it go by the time a step calls it),
+  and it is stored under ``stored_as`` (if any) for later processes."""
   try:
     compiled, fresh = program_store.compile_fresh(lowered)
   except BaseException as error:
@@ -771,6 +773,8 @@ def _compile(program: Callable, lowered: Any, outputs: Any, key: tuple,
       != [o.sharding for o in jax.tree.leaves(outputs)]):
     logging.warning("%s: output shardings differ from those its pass assumed; steps "
                     "will compile their own copy", getattr(program, "__name__", program))
+  elif hasattr(program, "load"):
+    program.load(signature, compiled)
   compiling.compiled.set_result(None)
 
 

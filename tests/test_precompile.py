@@ -412,12 +412,12 @@ class CancellationTrainer:
 
   def __init__(self):
     self.started, self.release = threading.Event(), threading.Event()
-    self.cancelled = []
+    self.cancelled = {}  # path -> whether its pass was cancelled when released
 
   def compile_path(self, state, batch, candidates, path, train_alpha, cancelled=None):
     self.started.set()
     self.release.wait(timeout=30)
-    self.cancelled.append(cancelled())
+    self.cancelled[tuple(path)] = cancelled()
 
 
 def test_a_pass_that_started_before_a_close_is_cancelled_and_a_later_ones_is_not():
@@ -430,7 +430,10 @@ def test_a_pass_that_started_before_a_close_is_cancelled_and_a_later_ones_is_not
   precompiler.submit(None, None, CELLS, [1, 1], False)
   precompiler.wait_for(CELLS, [1, 1], False)
   precompiler.close()
-  assert trainer.cancelled == [True, False]
+  deadline = time.monotonic() + 30  # the closed pass's thread may report after the new one
+  while len(trainer.cancelled) < 2 and time.monotonic() < deadline:
+    time.sleep(0.01)
+  assert trainer.cancelled == {(0, 0): True, (1, 1): False}
 
 
 def test_a_compile_only_pass_stops_at_its_next_program_once_cancelled():
